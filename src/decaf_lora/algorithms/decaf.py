@@ -1,0 +1,93 @@
+"""DeCAF: consensus on the LoRA *product*, factored back to rank r by an exact truncated SVD.
+
+Agent i forms ``M_i = sum_j pi_ij B_j A_j`` over itself and its neighbours and sets ``B_i, A_i`` from
+``TSVD_r(M_i)``. That removes DLoRA's cross-term interference at the price of the truncation error bounded by
+Proposition 1. The SVD is the factored one of :mod:`decaf_lora.lowrank`, so the d x k matrix never exists and the
+cost is close to two thin QR factorizations of the stacked factors.
+
+Deliberate choices (pitfalls of the paper notes):
+
+* Pitfall 1, dead adapter: LoRA starts with B = 0, so ``M_i = 0`` before any training. An agent whose mixed
+  product is numerically zero keeps its own factors (``skip_zero=True``): its product is zero either way, and A
+  keeps the common initialization instead of collapsing. Independently, the default ``all-into-b`` split keeps A's
+  rows orthonormal even for zero singular values, so no direction can die later either.
+* Heterogeneous ranks: agent i truncates ``M_i`` to its own rank ``ranks[i]``; factors are zero-padded to the
+  largest rank, and the discarded singular values count in ``tsvd_tail``.
+* Gauge: the SVD returns factors in a fresh basis; ``gauge='procrustes'`` or ``'lstsq'`` rotates them toward the
+  agent's previous factors (product unchanged) so optimizer state keeps meaning something.
+* Precision: the factorization runs in float32 (float64 for float64 input) whatever the training dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ShapeError, choice_error
+from ..lowrank import GAUGES, METHODS, SPLITS, regauge, split_factors, truncated_svd_of_sum
+from .base import Algorithm, MixOutput, check_ranks, mask_ranks, prepare
+from .registry import register
+
+
+def neighbourhoods(W: torch.Tensor, self_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each output row, the stacked inputs with non-zero weight, padded to equal length.
+
+    Returns ``index`` (n_out, m) and ``weight`` (n_out, m), m = the largest neighbourhood; padding points at the
+    agent itself with weight 0, so it adds nothing to the sum. This keeps the SVD core at ``m r``, not ``n r``.
+    """
+    nz = W != 0
+    nz[torch.arange(W.shape[0]), self_index] = True  # an agent's own factors are always in its stack
+    m = int(nz.sum(1).max())
+    # stable sort puts non-zero positions first, in increasing input order
+    order = torch.sort((~nz).to(torch.int8), dim=1, stable=True).indices[:, :m]
+    valid = torch.gather(nz, 1, order)
+    index = torch.where(valid, order, self_index[:, None].expand(-1, m))
+    weight = torch.where(valid, torch.gather(W, 1, order), torch.zeros((), dtype=W.dtype))
+    return index, weight
+
+
+@register
+@dataclass
+class DeCAF(Algorithm):
+    """Mix LoRA products with the mixing weights, then truncate back to rank r with an exact factored TSVD."""
+
+    name = "decaf"
+    split: str = field(default="all-into-b", metadata={"help": f"how singular values go into the factors: {', '.join(SPLITS)}"})
+    gauge: str = field(default="none", metadata={"help": f"re-express new factors close to the previous ones: {', '.join(GAUGES)}"})
+    skip_zero: bool = field(default=True, metadata={"help": "keep an agent's own factors when its mixed product is numerically zero"})
+    method: str = field(default="auto", metadata={"help": f"QR implementation of the factored SVD: {', '.join(METHODS)}"})
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise choice_error(ShapeError, "split", self.split, SPLITS)
+        if self.gauge not in GAUGES:
+            raise choice_error(ShapeError, "gauge", self.gauge, GAUGES)
+        if self.method not in METHODS:
+            raise choice_error(ShapeError, "method", self.method, METHODS)
+
+    def mix(self, A, B, W, *, round_=0, self_index=None, ranks=None) -> MixOutput:
+        p = prepare(A, B, W, self_index)
+        r = A.shape[1]
+        rk = check_ranks(ranks, p.W.shape[0], r, A.device)
+        index, weight = neighbourhoods(p.W, p.self_index)
+        B_nb, A_nb = p.B[index], p.A[index]  # (n_out, m, d, r), (n_out, m, r, k)
+        t = truncated_svd_of_sum(B_nb, A_nb, weight, r, method=self.method)
+        S, tail = t.S, t.tail
+        if rk is not None:  # agent i keeps its top ranks[i] triplets; the rest joins the tail
+            keep = torch.arange(r, device=S.device)[None, :] < rk[:, None]
+            tail = torch.sqrt(tail**2 + (S * ~keep).pow(2).sum(-1))
+            S = S * keep
+        B_new, A_new = split_factors(t.U, S, t.Vh, self.split)
+        B_new, A_new = mask_ranks(B_new, A_new, rk)
+        own_B, own_A = p.own_B, p.own_A
+        B_new, A_new = regauge(B_new, A_new, own_B, own_A, self.gauge)
+        stats = {"tsvd_tail": tail, "top_singular_value": t.S[:, 0]}
+        if self.skip_zero:
+            # A cheap upper bound on ||M_i||_2; a top singular value below eps times it is rounding noise.
+            bound = (weight * torch.linalg.matrix_norm(B_nb) * torch.linalg.matrix_norm(A_nb)).sum(1)
+            zero = t.S[:, 0] <= 16 * torch.finfo(S.dtype).eps * bound
+            B_new = torch.where(zero[:, None, None], own_B, B_new)
+            A_new = torch.where(zero[:, None, None], own_A, A_new)
+            stats["skipped_zero"] = zero
+        return p.cast(A_new, B_new, stats)

@@ -1,0 +1,42 @@
+"""FedAvg-LoRA (FedIT): a coordinator averages A and B weighted by local data size and broadcasts the result.
+
+Not decentralized: it is the server-based reference DeCAF should come close to. It is DLoRA's factor averaging
+with every row of the mixing matrix equal to the normalized data sizes; ``mix`` takes either the vector of data
+sizes (n_in,) or a full (n_out, n_in) matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ShapeError
+from .base import MixOutput
+from .dlora import DLoRA
+from .registry import register
+
+
+def server_weights(sizes, n_out: int | None = None) -> torch.Tensor:
+    """The (n_out, n) matrix whose every row is ``sizes / sum(sizes)``."""
+    s = torch.as_tensor(sizes, dtype=torch.float64).reshape(-1)
+    if s.numel() == 0 or not bool(torch.isfinite(s).all()) or bool((s < 0).any()) or float(s.sum()) <= 0:
+        raise ShapeError("fedavg weights must be non-negative data sizes with a positive total.")
+    p = s / s.sum()
+    return p.expand(n_out if n_out is not None else s.numel(), -1).clone()
+
+
+@register
+@dataclass
+class FedAvg(DLoRA):
+    """Data-size-weighted mean of A and of B over all agents, sent to everyone."""
+
+    name = "fedavg"
+    communication = "server"
+
+    def mix(self, A, B, W, *, round_=0, self_index=None, ranks=None) -> MixOutput:
+        Wt = torch.as_tensor(W)
+        if Wt.ndim == 1:
+            n_out = A.shape[0] if self_index is None else torch.as_tensor(self_index).numel()
+            Wt = server_weights(Wt, n_out)
+        return super().mix(A, B, Wt, round_=round_, self_index=self_index, ranks=ranks)
