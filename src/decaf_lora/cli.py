@@ -34,14 +34,18 @@ def _parse_params(pairs: tuple[str, ...]) -> dict:
 
 
 class _Group(click.Group):
-    """Turns :class:`DecafError` into ``error: <sentence>`` on stderr and exit code 2."""
+    """Turns :class:`DecafError` into ``error: <sentence>`` lines on stderr and exit code 2 (no traceback)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except DecafError as exc:
-            click.echo(f"error: {exc}", err=True)
+            for line in str(exc).splitlines() or [type(exc).__name__]:
+                click.echo(f"error: {line}", err=True)
             sys.exit(2)
+        except FloatingPointError as exc:  # training diverged: a user-facing condition, not a bug
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -90,13 +94,94 @@ def topology(name: str, agents: int | None, mixing: str, params: tuple[str, ...]
     click.echo(json.dumps(summary, indent=2) if as_json else format_topology(summary))
 
 
+def _split_config_args(args: tuple[str, ...]) -> tuple[str | None, list[str]]:
+    """``[CONFIG] [key=value ...]``: the first argument is a file unless it looks like an override."""
+    if args and "=" not in args[0]:
+        return args[0], list(args[1:])
+    return None, list(args)
+
+
+def _print_config_help() -> None:
+    from .config import field_help
+
+    for name, help_text, default in field_help():
+        click.echo(f"{name:<28} {help_text} [default: {default!r}]")
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1)
+@click.option("--help-config", is_flag=True, help="List every config field with its help text and default, then exit.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def run(args: tuple[str, ...], help_config: bool, quiet: bool) -> None:
+    """Train: decaf run [CONFIG.yaml] [key=value ...].
+
+    With no arguments: the offline demo (8 agents on a ring, non-IID tweets, MiniLM + LoRA, DeCAF).
+    Overrides such as algorithm=dlora agents=16 topology=torus partition.alpha=0.1 lora.rank=8 apply on top.
+    """
+    if help_config:
+        _print_config_help()
+        return
+    from .config import load_config
+    from .engine import Simulation
+
+    path, overrides = _split_config_args(args)
+    cfg = load_config(path, overrides)
+    sim = Simulation(cfg, progress=not quiet)
+    click.echo(f"run directory: {sim.run_dir}", err=True)
+    result = sim.run()
+    from .report import run_table
+
+    click.echo(run_table(result.run_dir).split("\n\n![")[0])
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1)
+@click.option("--algorithms", "algos", default="decaf,dlora,dlora-fa,local,fedavg", show_default=True, help="Comma-separated methods.")
+@click.option("--seeds", type=int, default=1, show_default=True, help="Training seeds per method (the data split stays fixed).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def compare(args: tuple[str, ...], algos: str, seeds: int, quiet: bool) -> None:
+    """Run several methods on one config: same data split, same initialization per seed; one table and one plot."""
+    from .compare import run_comparison
+
+    path, overrides = _split_config_args(args)
+    out = run_comparison(path, overrides, [a.strip() for a in algos.split(",") if a.strip()], seeds, progress=not quiet)
+    click.echo(out["table"])
+    click.echo(f"\nruns, table and plot: {out['dir']}")
+
+
 @main.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--agent", type=int, default=None, help="Export this agent's adapter.")
+@click.option("--consensus", is_flag=True, help="Export the network's consensus: the best rank-r fit of the mean product.")
+@click.option("--out", "out_dir", required=True, type=click.Path(), help="Directory to write (adapter_config.json + adapter_model.safetensors).")
+def export(run_dir: str, agent: int | None, consensus: bool, out_dir: str) -> None:
+    """Write a PEFT adapter directory that PeftModel.from_pretrained loads."""
+    from .export import export_adapter
+
+    if (agent is None) == (not consensus):
+        raise DecafError("give exactly one of --agent I or --consensus.")
+    path = export_adapter(run_dir, out_dir, agent=agent)
+    click.echo(f"wrote PEFT adapter to {path}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path())
+def report(run_dir: str) -> None:
+    """Rebuild a run's plots and markdown report, and print the report."""
+    from .report import write_report
+
+    path = write_report(run_dir)
+    with open(path, encoding="utf-8") as fh:
+        click.echo(fh.read())
+
+
+@main.command("consensus-demo")
 @click.option("--agents", "-n", type=int, default=10, show_default=True)
 @click.option("--rank", "-r", type=int, default=4, show_default=True)
 @click.option("--dim", type=int, default=256, show_default=True, help="Layer size d = k of the random factors.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def demo(agents: int, rank: int, dim: int, seed: int) -> None:
-    """Offline demo of the core: DeCAF vs DLoRA consensus on random LoRA factors over the paper's topologies."""
+def consensus_demo(agents: int, rank: int, dim: int, seed: int) -> None:
+    """DeCAF vs DLoRA consensus on random LoRA factors over the paper's topologies (no model, seconds)."""
     from .demo import run_core_demo
 
     click.echo(run_core_demo(agents=agents, rank=rank, dim=dim, seed=seed))

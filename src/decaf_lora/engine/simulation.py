@@ -1,0 +1,302 @@
+"""The simulation engine: N agents in one process around ONE frozen base model.
+
+Each round every agent swaps its adapter into the model's LoRA slot, trains ``local_steps`` AdamW steps on its own
+data (cosine schedule, gradient clipping), and swaps it back out; then the algorithm mixes the stacked factors
+layer by layer with this round's mixing matrix; every ``eval_every`` rounds each agent is evaluated on the shared
+test set and on its own held-out split. Memory is base + N x (adapter + optimizer state).
+
+Training happens before the first exchange (pitfall 1 of the paper notes: LoRA's B starts at 0).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .. import algorithms
+from ..adapters import AgentStates, attach_lora
+from ..algorithms.fedavg import server_weights
+from ..config import RunConfig, dump_config, load_config, validate_config
+from ..rundir import new_run_dir, save_tensors, write_json, write_jsonl, write_text
+from ..topology import Topology
+from .split import DataSplit, split_data
+
+
+@dataclass
+class RunResult:
+    run_dir: str | None
+    summary: dict
+    metrics: list[dict]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        from ..config import ConfigError
+
+        raise ConfigError([f"device={name!r} but no CUDA device is visible; use device=cpu or device=auto."])
+    return torch.device(name)
+
+
+def lr_at(step: int, total: int, cfg) -> float:
+    """Linear warm-up, then cosine from ``lr`` to ``min_lr`` over the remaining steps."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, total - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+class Simulation:
+    """Build everything from a config (and optionally a ready task), then :meth:`run`."""
+
+    def __init__(self, cfg: RunConfig, task=None, run_dir: str | None = None, progress: bool = True, write: bool = True):
+        validate_config(cfg)
+        self.cfg = cfg
+        self.progress = progress
+        self.device = resolve_device(cfg.device)
+        from ..tasks import build_task
+
+        self.task = task if task is not None else build_task(cfg)
+        keys = self.task.examples.extra.get("key")
+        self.split: DataSplit = split_data(self.task.labels, cfg, keys, getattr(self.task, "test_indices", None))
+        self.task.prepare(np.concatenate([self.split.test, *self.split.train, *self.split.local_eval]))
+        self.topology = Topology.build(cfg.topology.name, cfg.agents, mixing=cfg.topology.mixing, **cfg.topology.params)
+        self.schedule = self.topology.schedule(cfg.topology.schedule, seed=cfg.seed, p=cfg.topology.link_drop)
+        self.algorithm = algorithms.get(cfg.algorithm, **cfg.algorithm_options)
+
+        torch.manual_seed(cfg.seed)
+        base = self.task.build_model(seed=cfg.seed)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        targets = cfg.lora.targets or list(self.task.default_targets)
+        self.model = attach_lora(base, targets, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.rslora, self.task.head_modules, seed=cfg.seed).to(self.device)
+        self.states = AgentStates(self.model, cfg.agents)
+        params = self.states.parameters()
+        self.optimizers = [torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay) for _ in range(cfg.agents)]
+        self._orders = [np.zeros(0, dtype=np.int64) for _ in range(cfg.agents)]
+        self._cursor = [0] * cfg.agents
+        self._batch_rng = [np.random.default_rng([cfg.seed, 31, a]) for a in range(cfg.agents)]
+        self.total_steps = cfg.rounds * cfg.local_steps
+        self.metrics: list[dict] = []
+        self.run_dir = None
+        if write:
+            self.run_dir = run_dir or new_run_dir(cfg.out_dir, cfg.name, self.algorithm.name, cfg.seed)
+            self._write_setup()
+
+    # ---------------------------------------------------------------------------------------------- set-up files
+    def _write_setup(self) -> None:
+        d = self.run_dir
+        write_text(os.path.join(d, "config.yaml"), dump_config(self.cfg))
+        write_json(os.path.join(d, "topology.json"), self.topology.summary())
+        part = self.split.partition
+        write_json(
+            os.path.join(d, "partition.json"),
+            {
+                "scheme": part.scheme,
+                "class_names": self.task.examples.class_names,
+                "train_sizes": self.split.sizes.tolist(),
+                "local_eval_sizes": [len(x) for x in self.split.local_eval],
+                "histograms": part.histograms.tolist(),
+                "test_histogram": np.bincount(self.task.labels[self.split.test], minlength=len(self.task.examples.class_names)).tolist(),
+                "train": [x.tolist() for x in self.split.train],
+                "local_eval": [x.tolist() for x in self.split.local_eval],
+                "test": self.split.test.tolist(),
+            },
+        )
+
+    # ---------------------------------------------------------------------------------------------- training
+    def _next_batch(self, agent: int) -> np.ndarray:
+        data = self.split.train[agent]
+        bs = min(self.cfg.task.batch_size, len(data))
+        if self._cursor[agent] + bs > len(self._orders[agent]):
+            self._orders[agent] = data[self._batch_rng[agent].permutation(len(data))]
+            self._cursor[agent] = 0
+        out = self._orders[agent][self._cursor[agent] : self._cursor[agent] + bs]
+        self._cursor[agent] += bs
+        return out
+
+    def train_agent(self, agent: int, round_: int) -> float:
+        from ..tasks.base import to_device
+
+        cfg = self.cfg
+        opt = self.optimizers[agent]
+        self.states.load(agent)
+        self.model.train()
+        losses = []
+        for s in range(cfg.local_steps):
+            step = round_ * cfg.local_steps + s
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, self.total_steps, cfg.optim)
+            batch = to_device(self.task.batch(self._next_batch(agent)), self.device)
+            loss = self.task.loss(self.model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"agent {agent} hit a non-finite loss at round {round_ + 1}; lower optim.lr (now {cfg.optim.lr}).")
+            loss.backward()
+            if cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_([p for p in self.states.parameters() if p.grad is not None], cfg.optim.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        self.states.store(agent)
+        return float(np.mean(losses))
+
+    # ---------------------------------------------------------------------------------------------- mixing
+    def mixing_matrix(self, round_: int) -> torch.Tensor:
+        if self.algorithm.communication == "server":
+            return server_weights(self.split.sizes)
+        if self.algorithm.communication == "none":
+            return torch.eye(self.cfg.agents, dtype=torch.float64)
+        return torch.from_numpy(self.schedule.matrix(round_))
+
+    @torch.no_grad()
+    def mix(self, round_: int) -> dict:
+        W = self.mixing_matrix(round_)
+        st = self.states
+        tail = torch.zeros(self.cfg.agents)
+        for l in range(len(st.layers)):
+            out = self.algorithm.mix(st.A[l], st.B[l], W.to(st.A[l].device), round_=round_)
+            st.A[l].copy_(out.A)
+            st.B[l].copy_(out.B)
+            if "tsvd_tail" in out.stats:
+                tail += out.stats["tsvd_tail"].float().cpu()
+        if self.algorithm.communication != "none":
+            for name, h in st.H.items():
+                h.copy_(torch.einsum("ij,j...->i...", W.to(h.dtype).to(h.device), h))
+        if self.cfg.optim.state_after_mix == "reset":
+            for opt in self.optimizers:
+                opt.state = defaultdict(dict)
+        return {"W": W, "tsvd_tail": tail if self.algorithm.name == "decaf" else None}
+
+    def payload_bytes(self, round_: int) -> int:
+        """Bytes one agent sends to one receiver this round: the factors the method sends plus the head."""
+        if self.algorithm.communication == "none":
+            return 0
+        st = self.states
+        total = sum(self.algorithm.payload_numel(A.shape, B.shape, round_) * A.element_size() for A, B in zip(st.A, st.B))
+        return total + sum(h[0].numel() * h.element_size() for h in st.H.values())
+
+    # ---------------------------------------------------------------------------------------------- evaluation
+    def evaluate_agent(self, agent: int) -> dict:
+        self.states.load(agent)
+        bs = self.cfg.task.eval_batch_size
+        shared = self.task.evaluate(self.model, self.split.test, bs, self.device)
+        local = self.task.evaluate(self.model, self.split.local_eval[agent], bs, self.device)
+        out = {"eval_loss": shared["loss"], "eval_accuracy": shared["accuracy"], "eval_f1": shared["f1"]}
+        if local:
+            out.update(local_loss=local["loss"], local_accuracy=local["accuracy"])
+        return out
+
+    # ---------------------------------------------------------------------------------------------- loop
+    def run(self) -> RunResult:
+        cfg = self.cfg
+        n = cfg.agents
+        t_start = time.perf_counter()
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.rounds, desc=f"{self.algorithm.name} x{n}", unit="round", dynamic_ncols=True)
+        last_acc = float("nan")
+        for t in range(cfg.rounds):
+            self.states.set_trainable(self.algorithm.trainable(t))
+            t_train = []
+            losses = []
+            for a in range(n):
+                t0 = time.perf_counter()
+                losses.append(self.train_agent(a, t))
+                t_train.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            mixed = self.mix(t)
+            t_mix = (time.perf_counter() - t0) / n
+            W = mixed["W"].numpy()
+            payload = self.payload_bytes(t)
+            consensus = self.states.consensus_distance()
+            evals, t_eval = [{} for _ in range(n)], [0.0] * n
+            if (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.rounds:
+                for a in range(n):
+                    t0 = time.perf_counter()
+                    evals[a] = self.evaluate_agent(a)
+                    t_eval[a] = time.perf_counter() - t0
+                last_acc = float(np.mean([e["eval_accuracy"] for e in evals]))
+            for a in range(n):
+                peers = int(np.count_nonzero(W[a]) - (W[a, a] != 0))
+                if self.algorithm.communication == "server":
+                    sent = received = payload
+                else:
+                    sent = received = payload * peers
+                row = {
+                    "round": t + 1,
+                    "agent": a,
+                    "train_loss": losses[a],
+                    "lr": lr_at((t + 1) * cfg.local_steps - 1, self.total_steps, cfg.optim),
+                    **evals[a],
+                    "consensus_distance": float(consensus[a]),
+                    "tsvd_tail": None if mixed["tsvd_tail"] is None else float(mixed["tsvd_tail"][a]),
+                    "neighbors": peers,
+                    "bytes_sent": sent,
+                    "bytes_received": received,
+                    "seconds": {"train": t_train[a], "mix": t_mix, "eval": t_eval[a]},
+                }
+                self.metrics.append(row)
+            if self.run_dir:
+                write_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), self.metrics)
+            if bar is not None:
+                bar.set_postfix(loss=f"{np.mean(losses):.3f}", acc=f"{last_acc:.3f}")
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        summary = self.summarize(time.perf_counter() - t_start)
+        if self.run_dir:
+            save_tensors(os.path.join(self.run_dir, "adapters.safetensors"), self.states.state_dict(), {"format": "decaf-lora agents x factors"})
+            write_json(os.path.join(self.run_dir, "summary.json"), summary)
+            from ..report import write_report
+
+            write_report(self.run_dir)
+        return RunResult(self.run_dir, summary, self.metrics)
+
+    def summarize(self, wall: float) -> dict:
+        cfg = self.cfg
+        last = [m for m in self.metrics if m["round"] == cfg.rounds]
+        acc = np.array([m["eval_accuracy"] for m in last])
+        test_hist = np.bincount(self.task.labels[self.split.test])
+        return {
+            "name": cfg.name,
+            "algorithm": self.algorithm.name,
+            "algorithm_options": self.algorithm.options(),
+            "agents": cfg.agents,
+            "rounds": cfg.rounds,
+            "local_steps": cfg.local_steps,
+            "topology": self.topology.name,
+            "spectral_gap": self.topology.spectral_gap,
+            "partition": self.split.partition.scheme,
+            "seed": cfg.seed,
+            "split_seed": cfg.split_seed,
+            "state_after_mix": cfg.optim.state_after_mix,
+            "metric": self.task.metric,
+            "final_accuracy": {"mean": float(acc.mean()), "min": float(acc.min()), "max": float(acc.max())},
+            "final_f1_mean": float(np.mean([m["eval_f1"] for m in last])),
+            "final_local_accuracy_mean": float(np.mean([m["local_accuracy"] for m in last])) if "local_accuracy" in last[0] else None,
+            "final_consensus_distance": float(np.mean([m["consensus_distance"] for m in last])),
+            "majority_rate": float(test_hist.max() / test_hist.sum()),
+            "bytes_sent_per_agent": float(np.mean([sum(m["bytes_sent"] for m in self.metrics if m["agent"] == a) for a in range(cfg.agents)])),
+            "wall_seconds": wall,
+            "adapter_bytes": self.states.adapter_bytes(),
+        }
+
+
+def run(config, task=None, progress: bool = False, overrides: list[str] | tuple[str, ...] = (), write: bool = True) -> RunResult:
+    """Python entry point: ``decaf_lora.run("cfg.yaml")``, ``run(RunConfig(...))`` or ``run({"agents": 4, ...})``.
+
+    Pass ``task`` to train your own model and data (see :class:`decaf_lora.tasks.ModuleTask`).
+    """
+    if isinstance(config, RunConfig):
+        config = config.to_dict()
+    return Simulation(load_config(config, overrides), task=task, progress=progress, write=write).run()

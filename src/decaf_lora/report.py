@@ -1,0 +1,167 @@
+"""Plots and a markdown table for one run (``decaf report RUN_DIR``) and for a comparison of runs."""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+
+import numpy as np
+
+from .rundir import check_run_dir, read_json, read_metrics, write_text
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str) -> None:
+    """Render to a temporary file and rename, like every other output."""
+    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def per_round(metrics: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Rounds where ``key`` was logged, and an (rounds, agents) array of its values."""
+    by_round: dict[int, list[float]] = defaultdict(list)
+    for m in metrics:
+        if m.get(key) is not None:
+            by_round[m["round"]].append(m[key])
+    rounds = np.array(sorted(by_round))
+    return rounds, np.array([by_round[r] for r in rounds])
+
+
+def plot_run(run_dir: str) -> list[str]:
+    plt = _plt()
+    metrics = read_metrics(run_dir)
+    summary = read_json(os.path.join(run_dir, "summary.json")) if os.path.exists(os.path.join(run_dir, "summary.json")) else {}
+    plots = os.path.join(run_dir, "plots")
+    os.makedirs(plots, exist_ok=True)
+    written = []
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    r, acc = per_round(metrics, "eval_accuracy")
+    if len(r):
+        axes[0].plot(r, acc.mean(1), marker="o", label="mean over agents")
+        axes[0].fill_between(r, acc.min(1), acc.max(1), alpha=0.25, label="min-max")
+        if "majority_rate" in summary:
+            axes[0].axhline(summary["majority_rate"], color="grey", ls="--", lw=1, label="majority class")
+        axes[0].set(xlabel="round", ylabel="test accuracy", title="shared test set")
+        axes[0].legend(fontsize=8)
+    r, cd = per_round(metrics, "consensus_distance")
+    if len(r):
+        axes[1].plot(r, np.maximum(cd.mean(1), 1e-12))
+        axes[1].set(xlabel="round", ylabel="sum over layers of ||sBA - mean||_F", title="consensus distance", yscale="log")
+    fig.suptitle(f"{summary.get('algorithm', '')} on {summary.get('topology', '')}, {summary.get('agents', '')} agents")
+    path = os.path.join(plots, "training.png")
+    _save(fig, path)
+    plt.close(fig)
+    written.append(path)
+
+    part_path = os.path.join(run_dir, "partition.json")
+    if os.path.exists(part_path):
+        part = read_json(part_path)
+        hist = np.array(part["histograms"])
+        fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(hist) + 2), 3.4))
+        bottom = np.zeros(len(hist))
+        for c, name in enumerate(part["class_names"]):
+            ax.bar(np.arange(len(hist)), hist[:, c], bottom=bottom, label=name)
+            bottom += hist[:, c]
+        ax.set(xlabel="agent", ylabel="training examples", title=f"label histogram per agent ({part['scheme']})")
+        if len(part["class_names"]) <= 12:
+            ax.legend(fontsize=8)
+        path = os.path.join(plots, "label_histograms.png")
+        _save(fig, path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def run_table(run_dir: str) -> str:
+    summary = read_json(os.path.join(run_dir, "summary.json"))
+    metrics = read_metrics(run_dir)
+    last = sorted((m for m in metrics if m["round"] == summary["rounds"]), key=lambda m: m["agent"])
+    fa = summary["final_accuracy"]
+    lines = [
+        f"# {summary['name']}: {summary['algorithm']}",
+        "",
+        f"{summary['agents']} agents, {summary['topology']} topology (spectral gap {summary['spectral_gap']:.3f}), "
+        f"{summary['partition']} partition, {summary['rounds']} rounds x {summary['local_steps']} local steps, seed {summary['seed']}, "
+        f"optimizer state after mixing: {summary['state_after_mix']}.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| test accuracy, mean over agents | {fa['mean']:.4f} |",
+        f"| test accuracy, min / max | {fa['min']:.4f} / {fa['max']:.4f} |",
+        f"| test macro-F1, mean | {summary['final_f1_mean']:.4f} |",
+        f"| majority-class rate of the test set | {summary['majority_rate']:.4f} |",
+        f"| consensus distance, mean | {summary['final_consensus_distance']:.4g} |",
+        f"| bytes sent per agent | {summary['bytes_sent_per_agent']:.4g} |",
+        f"| wall time | {summary['wall_seconds']:.1f} s |",
+        "",
+        "| agent | test acc | local acc | consensus distance | train loss |",
+        "|---|---|---|---|---|",
+    ]
+    for m in last:
+        local = m.get("local_accuracy")
+        lines.append(f"| {m['agent']} | {m['eval_accuracy']:.4f} | {'-' if local is None else f'{local:.4f}'} | {m['consensus_distance']:.4g} | {m['train_loss']:.4f} |")
+    lines += ["", "![training](plots/training.png)", "", "![labels](plots/label_histograms.png)", ""]
+    return "\n".join(lines)
+
+
+def write_report(run_dir: str) -> str:
+    """(Re)build ``plots/`` and ``report.md`` of a finished run; returns the report's path."""
+    check_run_dir(run_dir, ("config.yaml", "metrics.jsonl", "summary.json"))
+    plot_run(run_dir)
+    path = os.path.join(run_dir, "report.md")
+    write_text(path, run_table(run_dir))
+    return path
+
+
+def compare_table(rows: list[dict]) -> str:
+    """Markdown table, mean +- std over seeds per algorithm. ``rows``: one summary per run."""
+    by_algo: dict[str, list[dict]] = defaultdict(list)
+    for s in rows:
+        by_algo[s["algorithm"]].append(s)
+
+    def ms(values):
+        v = np.array(values, dtype=float)
+        return f"{v.mean():.4f} +- {v.std(ddof=1) if len(v) > 1 else 0.0:.4f}"
+
+    lines = [
+        "| algorithm | seeds | test acc (mean over agents) | worst agent | consensus distance | MB sent per agent |",
+        "|---|---|---|---|---|---|",
+    ]
+    for algo, ss in by_algo.items():
+        lines.append(
+            f"| {algo} | {len(ss)} | {ms([s['final_accuracy']['mean'] for s in ss])} | {ms([s['final_accuracy']['min'] for s in ss])} | "
+            f"{ms([s['final_consensus_distance'] for s in ss])} | {np.mean([s['bytes_sent_per_agent'] for s in ss]) / 1e6:.3g} |"
+        )
+    if rows:
+        lines += ["", f"Majority-class rate of the test set: {rows[0]['majority_rate']:.4f}."]
+    return "\n".join(lines)
+
+
+def plot_compare(run_dirs: dict[str, list[str]], path: str) -> str:
+    """Test accuracy per round, mean over agents and seeds, one line per algorithm."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for algo, dirs in run_dirs.items():
+        curves = []
+        for d in dirs:
+            r, acc = per_round(read_metrics(d), "eval_accuracy")
+            curves.append(acc.mean(1))
+        c = np.array(curves)
+        ax.plot(r, c.mean(0), marker="o", label=algo)
+        if len(c) > 1:
+            ax.fill_between(r, c.mean(0) - c.std(0), c.mean(0) + c.std(0), alpha=0.2)
+    ax.set(xlabel="round", ylabel="test accuracy (mean over agents)", title="comparison")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    plt.close(fig)
+    return path

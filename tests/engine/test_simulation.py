@@ -1,0 +1,165 @@
+"""The simulation engine: every algorithm trains, metrics are complete and exact, runs reproduce, memory is shared."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from decaf_lora.config import load_config
+from decaf_lora.engine import Simulation, run
+from decaf_lora.tasks import ModuleTask
+
+
+class TinyMLP(torch.nn.Module):
+    def __init__(self, width=32):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(64, width)
+        self.fc2 = torch.nn.Linear(width, 10)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def digits_task(width=32):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32) / 16
+    return ModuleTask(lambda: TinyMLP(width), x[300:], d.target[300:], x[:300], d.target[:300], targets=["fc1", "fc2"])
+
+
+def cfg_for(tmp_path, **kw):
+    base = {"agents": 4, "rounds": 4, "local_steps": 8, "eval_every": 2, "optim": {"lr": 1e-2}, "lora": {"rank": 2}, "out_dir": str(tmp_path)}
+    for k, v in kw.items():
+        base[k] = v
+    return base
+
+
+@pytest.mark.parametrize("algo", ["decaf", "dlora", "dlora-fa", "local", "fedavg"])
+def test_every_algorithm_trains_and_logs_every_agent_every_round(tmp_path, algo):
+    res = run(cfg_for(tmp_path, algorithm=algo), task=digits_task())
+    m = res.metrics
+    assert len(m) == 4 * 4
+    first = np.mean([x["train_loss"] for x in m if x["round"] == 1])
+    last = np.mean([x["train_loss"] for x in m if x["round"] == 4])
+    assert last < first
+    required = {"round", "agent", "train_loss", "consensus_distance", "bytes_sent", "bytes_received", "seconds", "tsvd_tail"}
+    assert all(required <= set(x) for x in m)
+    evaluated = [x for x in m if "eval_accuracy" in x]
+    assert sorted({x["round"] for x in evaluated}) == [2, 4]
+    assert all({"eval_loss", "local_accuracy"} <= set(x) for x in evaluated)
+    assert (m[0]["tsvd_tail"] is not None) == (algo == "decaf")
+
+
+def test_run_directory_holds_everything_and_nothing_half_written(tmp_path):
+    res = run(cfg_for(tmp_path), task=digits_task())
+    files = set(os.listdir(res.run_dir))
+    assert {"config.yaml", "topology.json", "partition.json", "metrics.jsonl", "summary.json", "adapters.safetensors", "report.md", "plots"} <= files
+    assert not [f for f in files if f.endswith(".tmp")]
+    assert set(os.listdir(os.path.join(res.run_dir, "plots"))) == {"training.png", "label_histograms.png"}
+    part = json.load(open(os.path.join(res.run_dir, "partition.json")))
+    assert len(part["histograms"]) == 4 and sum(part["train_sizes"]) + sum(part["local_eval_sizes"]) == 1497
+    summary = json.load(open(os.path.join(res.run_dir, "summary.json")))
+    assert summary["algorithm"] == "decaf" and summary["rounds"] == 4 and summary["state_after_mix"] == "reset"
+    assert load_config(os.path.join(res.run_dir, "config.yaml")).to_dict() == load_config(cfg_for(tmp_path)).to_dict()
+
+
+def test_same_config_and_seed_give_the_same_numbers(tmp_path):
+    a = run(cfg_for(tmp_path, rounds=2), task=digits_task(), write=False).metrics
+    b = run(cfg_for(tmp_path, rounds=2), task=digits_task(), write=False).metrics
+    strip = lambda ms: [{k: v for k, v in x.items() if k != "seconds"} for x in ms]  # noqa: E731
+    assert strip(a) == strip(b)
+    c = run(cfg_for(tmp_path, rounds=2, seed=1), task=digits_task(), write=False).metrics
+    assert strip(a) != strip(c)
+
+
+def test_training_seed_does_not_change_the_data_split(tmp_path):
+    s0 = Simulation(load_config(cfg_for(tmp_path, seed=0)), task=digits_task(), write=False, progress=False)
+    s1 = Simulation(load_config(cfg_for(tmp_path, seed=5)), task=digits_task(), write=False, progress=False)
+    assert all(np.array_equal(a, b) for a, b in zip(s0.split.train, s1.split.train))
+    s2 = Simulation(load_config(cfg_for(tmp_path, split_seed=5)), task=digits_task(), write=False, progress=False)
+    assert not all(np.array_equal(a, b) for a, b in zip(s0.split.train, s2.split.train))
+
+
+def test_all_agents_start_from_the_same_adapter(tmp_path):
+    sim = Simulation(load_config(cfg_for(tmp_path)), task=digits_task(), write=False, progress=False)
+    for A, B in zip(sim.states.A, sim.states.B):
+        assert torch.equal(A, A[:1].expand_as(A)) and (B == 0).all()
+
+
+@pytest.mark.parametrize("algo", ["decaf", "dlora", "dlora-fa"])
+def test_bytes_are_payload_size_times_neighbours(tmp_path, algo):
+    res = run(cfg_for(tmp_path, algorithm=algo, agents=6, rounds=1), task=digits_task(), write=False)
+    rank, k1, d1, k2, d2 = 2, 64, 32, 32, 10
+    a_numel, b_numel = rank * k1 + rank * k2, d1 * rank + d2 * rank
+    factor = {"decaf": a_numel + b_numel, "dlora": a_numel + b_numel, "dlora-fa": b_numel}[algo]
+    for m in res.metrics:
+        assert m["neighbors"] == 2  # ring
+        assert m["bytes_sent"] == m["bytes_received"] == 4 * factor * 2
+
+
+def test_fedavg_reaches_consensus_and_local_does_not_communicate(tmp_path):
+    fed = run(cfg_for(tmp_path, algorithm="fedavg", rounds=2), task=digits_task(), write=False).metrics
+    assert max(m["consensus_distance"] for m in fed) < 1e-5
+    loc = run(cfg_for(tmp_path, algorithm="local", rounds=2), task=digits_task(), write=False).metrics
+    assert all(m["bytes_sent"] == 0 for m in loc) and max(m["consensus_distance"] for m in loc) > 1e-3
+
+
+def test_dlora_fa_never_changes_a(tmp_path):
+    sim = Simulation(load_config(cfg_for(tmp_path, algorithm="dlora-fa", rounds=2)), task=digits_task(), write=False, progress=False)
+    before = [A.clone() for A in sim.states.A]
+    sim.run()
+    assert all(torch.equal(a, b) for a, b in zip(before, sim.states.A))
+
+
+def test_keep_policy_keeps_adam_state_and_reset_clears_it(tmp_path):
+    keep = Simulation(load_config(cfg_for(tmp_path, rounds=1, optim={"lr": 1e-2, "state_after_mix": "keep"})), task=digits_task(), write=False, progress=False)
+    keep.run()
+    assert all(len(o.state) > 0 for o in keep.optimizers)
+    reset = Simulation(load_config(cfg_for(tmp_path, rounds=1)), task=digits_task(), write=False, progress=False)
+    reset.run()
+    assert all(len(o.state) == 0 for o in reset.optimizers)
+
+
+def storage_bytes(sim) -> int:
+    """Bytes of every distinct tensor storage the engine holds: model, agents' adapters, optimizer states."""
+    seen, total = set(), 0
+    tensors = list(sim.model.parameters()) + list(sim.model.buffers())
+    tensors += [*sim.states.A, *sim.states.B, *sim.states.H.values()]
+    tensors += [v for o in sim.optimizers for s in o.state.values() for v in s.values() if torch.is_tensor(v)]
+    for t in tensors:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def test_one_shared_base_model_memory_grows_by_about_one_adapter_per_agent(tmp_path):
+    """Measured by tensor storage: base + N x (adapter + Adam state), never N x base."""
+    sizes = {}
+    for n in (1, 2, 4, 8):
+        sim = Simulation(load_config(cfg_for(tmp_path, agents=n, rounds=1, optim={"lr": 1e-2, "state_after_mix": "keep"})), task=digits_task(width=512), write=False, progress=False)
+        sim.run()
+        sizes[n] = storage_bytes(sim)
+        adapter = sim.states.adapter_bytes()
+    base = sum(p.numel() * p.element_size() for n_, p in sim.model.named_parameters() if "lora_" not in n_)
+    per_agent = (sizes[8] - sizes[1]) / 7
+    assert per_agent <= 3.2 * adapter  # the adapter itself + Adam's two moments
+    assert per_agent >= 0.9 * adapter
+    assert adapter < 0.2 * base
+    assert sizes[8] < 1.1 * base + 8 * 3.2 * adapter  # the base is held once, not once per agent
+
+
+def test_link_failures_and_schedules_are_used(tmp_path):
+    res = run(cfg_for(tmp_path, agents=6, rounds=4, topology={"name": "complete", "link_drop": 0.5}), task=digits_task(), write=False)
+    neighbours = {m["neighbors"] for m in res.metrics}
+    assert len(neighbours) > 1 and max(neighbours) <= 5
+
+
+def test_a_diverging_run_stops_with_a_clear_message(tmp_path):
+    with pytest.raises(FloatingPointError, match="lower optim.lr"):
+        run(cfg_for(tmp_path, optim={"lr": 1e30, "grad_clip": 0}), task=digits_task(), write=False)
+
