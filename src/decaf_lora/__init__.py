@@ -1,11 +1,14 @@
 """decaf-lora: decentralized LoRA fine-tuning with DeCAF and its baselines.
 
-The core layers are importable on their own: :mod:`decaf_lora.topology` (graphs, mixing matrices, schedules),
-:mod:`decaf_lora.partition` (data splits), :mod:`decaf_lora.lowrank` (exact factored truncated SVD) and
-:mod:`decaf_lora.algorithms` (local, dlora, dlora-fa, decaf, fedavg behind one interface).
+``decaf_lora.run(config)`` trains (config: a YAML path, a dict or a :class:`RunConfig`). The layers below it are
+importable on their own: :mod:`decaf_lora.topology` (graphs, mixing matrices, schedules),
+:mod:`decaf_lora.partition` (data splits), :mod:`decaf_lora.lowrank` (exact factored truncated SVD),
+:mod:`decaf_lora.algorithms` (local, dlora, dlora-fa, decaf, fedavg behind one interface), :mod:`decaf_lora.tasks`.
 """
 
 from . import algorithms, lowrank, partition, topology
+from .config import ConfigError, RunConfig, load_config
+from .engine import RunResult, run
 from .errors import DecafError
 from .lowrank import split_factors, truncated_svd_of_sum
 from .partition import Partition, make_partition
@@ -13,6 +16,6 @@ from .topology import Topology
 
 __version__ = "0.1.0"
 __all__ = [
-    "algorithms", "lowrank", "partition", "topology", "DecafError", "Topology", "Partition", "make_partition",
+    "algorithms", "lowrank", "partition", "topology", "DecafError", "ConfigError", "RunConfig", "RunResult", "load_config", "run", "Topology", "Partition", "make_partition",
     "truncated_svd_of_sum", "split_factors", "__version__",
 ]

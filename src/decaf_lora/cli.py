@@ -112,7 +112,8 @@ def _print_config_help() -> None:
 @click.argument("args", nargs=-1)
 @click.option("--help-config", is_flag=True, help="List every config field with its help text and default, then exit.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def run(args: tuple[str, ...], help_config: bool, quiet: bool) -> None:
+@click.option("--resume", "resume_dir", type=click.Path(), default=None, help="Continue RUN_DIR from its last finished round.")
+def run(args: tuple[str, ...], help_config: bool, quiet: bool, resume_dir: str | None) -> None:
     """Train: decaf run [CONFIG.yaml] [key=value ...].
 
     With no arguments: the offline demo (8 agents on a ring, non-IID tweets, MiniLM + LoRA, DeCAF).
@@ -122,14 +123,20 @@ def run(args: tuple[str, ...], help_config: bool, quiet: bool) -> None:
         _print_config_help()
         return
     from .config import load_config
-    from .engine import Simulation
+    from .engine import Simulation, resume
+    from .report import run_table
 
     path, overrides = _split_config_args(args)
+    if resume_dir is not None:
+        if path is not None:
+            raise DecafError(f"--resume takes its config from {resume_dir!r}; drop the config file {path!r} (overrides that restate it are fine).")
+        result = resume(resume_dir, overrides, progress=not quiet)
+        click.echo(run_table(result.run_dir).split("\n\n![")[0])
+        return
     cfg = load_config(path, overrides)
     sim = Simulation(cfg, progress=not quiet)
     click.echo(f"run directory: {sim.run_dir}", err=True)
     result = sim.run()
-    from .report import run_table
 
     click.echo(run_table(result.run_dir).split("\n\n![")[0])
 

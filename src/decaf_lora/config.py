@@ -45,7 +45,7 @@ class TopologyConfig:
 @dataclass
 class PartitionConfig:
     scheme: str = _f("dirichlet", "how data is split over agents: iid, dirichlet, round_robin, shards, natural")
-    alpha: float = _f(0.3, "Dirichlet concentration (scheme=dirichlet): 0.1 strongly skewed, 100 nearly IID")
+    alpha: float = _f(1.0, "Dirichlet concentration (scheme=dirichlet): 0.1 strongly skewed, 100 nearly IID")
     min_size: int = _f(16, "smallest number of training examples an agent may get (scheme=dirichlet)")
     shards_per_agent: int = _f(2, "label-sorted shards per agent (scheme=shards)")
     key: str = _f("", "column holding the natural key, e.g. a user id (scheme=natural)")
@@ -63,7 +63,7 @@ class LoraConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = _f(2e-3, "peak AdamW learning rate")
+    lr: float = _f(4e-3, "peak AdamW learning rate")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     min_lr: float = _f(0.0, "learning rate at the end of the cosine schedule")
     warmup_steps: int = _f(0, "linear warm-up steps before the cosine decay")
@@ -78,7 +78,7 @@ class TaskConfig:
     dataset: str = _f("tweets", "data: tweets (38k labelled tweets), digits, mnist, a .csv/.jsonl file, an image folder, or hf:NAME")
     text_column: str = _f("text", "column with the input text (csv/jsonl); several columns joined: passage,question")
     label_column: str = _f("label", "column with the label (csv/jsonl)")
-    max_length: int = _f(40, "tokens per example after truncation")
+    max_length: int = _f(32, "tokens per example after truncation")
     train_examples: int = _f(6000, "training examples drawn from the data set before splitting over agents (0 = all)")
     test_examples: int = _f(400, "examples held out as the shared test set")
     batch_size: int = _f(16, "local mini-batch size")
@@ -96,7 +96,7 @@ class RunConfig:
     agents: int = _f(8, "number of agents")
     rounds: int = _f(12, "communication rounds")
     local_steps: int = _f(5, "local optimizer steps per agent between exchanges")
-    eval_every: int = _f(4, "evaluate every this many rounds (and always after the last)")
+    eval_every: int = _f(6, "evaluate every this many rounds (and always after the last)")
     seed: int = _f(0, "training seed: initialization, batch order, dropout")
     split_seed: int = _f(0, "data-split seed: test hold-out, subsampling and the partition over agents")
     device: str = _f("cpu", "cpu, cuda, cuda:N or auto")

@@ -114,17 +114,32 @@ def load_text_table(path: str, text_column: str, label_column: str, key_column: 
     return Examples([_text_of(r, text_cols) for r in rows], labels, names, extra)
 
 
-def load_hf(name: str, text_column: str, label_column: str) -> Examples:
+def _hf_dataset(name: str):
     try:
-        import datasets  # noqa: F401
+        import datasets
     except ImportError:
         raise ConfigError([f"task.dataset={name!r} needs the `datasets` package; install it with `pip install datasets` (and have network access)."]) from None
-    spec = name[3:]
-    hf_name, _, hf_config = spec.partition(":")
+    hf_name, _, hf_config = name[3:].partition(":")
     try:
-        ds = datasets.load_dataset(hf_name, hf_config or None, split="train")
+        return hf_name, datasets.load_dataset(hf_name, hf_config or None, split="train")
     except Exception as exc:  # network, unknown name, ...: one sentence for the user
         raise ConfigError([f"task.dataset={name!r} could not be loaded ({type(exc).__name__}); check the name and your network, or use a local file."]) from None
+
+
+def load_hf_images(name: str, image_column: str, label_column: str) -> Examples:
+    hf_name, ds = _hf_dataset(name)
+    for option, col in (("task.text_column (the image column for clip)", image_column), ("task.label_column", label_column)):
+        if col not in ds.column_names:
+            raise ConfigError([f"{option}={col!r} is not a column of {hf_name}; its columns are: {', '.join(ds.column_names)}."])
+    labels, names = _encode_labels(list(ds[label_column]), f"task.label_column={label_column!r}")
+    feature = ds.features.get(label_column)
+    if hasattr(feature, "names"):  # ClassLabel: use the data set's own class names for the prompts
+        names = [feature.names[int(n)] for n in names]
+    return Examples([np.asarray(im.convert("RGB")) for im in ds[image_column]], labels, names)
+
+
+def load_hf(name: str, text_column: str, label_column: str) -> Examples:
+    hf_name, ds = _hf_dataset(name)
     text_cols = [c.strip() for c in text_column.split(",") if c.strip()]
     for option, col in [*(("task.text_column", c) for c in text_cols), ("task.label_column", label_column)]:
         if col not in ds.column_names:
@@ -191,7 +206,9 @@ def load_examples(dataset: str, kind: str, text_column: str = "text", label_colu
             return load_mnist_images()
         if os.path.isdir(dataset):
             return load_image_folder(dataset)
-        raise ConfigError([f"task.dataset={dataset!r} is not an image data set; use digits, mnist or a folder with one sub-folder per class."])
+        if dataset.startswith("hf:"):
+            return load_hf_images(dataset, text_column if text_column != "text" else "image", label_column)
+        raise ConfigError([f"task.dataset={dataset!r} is not an image data set; use digits, mnist, hf:NAME or a folder with one sub-folder per class."])
     if dataset == "tweets":
         return load_tweets()
     if dataset.startswith("hf:"):

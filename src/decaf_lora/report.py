@@ -44,7 +44,7 @@ def plot_run(run_dir: str) -> list[str]:
     os.makedirs(plots, exist_ok=True)
     written = []
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.8), layout="constrained")
     r, acc = per_round(metrics, "eval_accuracy")
     if len(r):
         axes[0].plot(r, acc.mean(1), marker="o", label="mean over agents")
@@ -56,7 +56,7 @@ def plot_run(run_dir: str) -> list[str]:
     r, cd = per_round(metrics, "consensus_distance")
     if len(r):
         axes[1].plot(r, np.maximum(cd.mean(1), 1e-12))
-        axes[1].set(xlabel="round", ylabel="sum over layers of ||sBA - mean||_F", title="consensus distance", yscale="log")
+        axes[1].set(xlabel="round", ylabel="mean over agents", title="consensus distance: sum over layers of ||s B A - mean||_F", yscale="log")
     fig.suptitle(f"{summary.get('algorithm', '')} on {summary.get('topology', '')}, {summary.get('agents', '')} agents")
     path = os.path.join(plots, "training.png")
     _save(fig, path)
@@ -67,7 +67,7 @@ def plot_run(run_dir: str) -> list[str]:
     if os.path.exists(part_path):
         part = read_json(part_path)
         hist = np.array(part["histograms"])
-        fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(hist) + 2), 3.4))
+        fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(hist) + 2), 3.4), layout="constrained")
         bottom = np.zeros(len(hist))
         for c, name in enumerate(part["class_names"]):
             ax.bar(np.arange(len(hist)), hist[:, c], bottom=bottom, label=name)
@@ -150,7 +150,7 @@ def compare_table(rows: list[dict]) -> str:
 def plot_compare(run_dirs: dict[str, list[str]], path: str) -> str:
     """Test accuracy per round, mean over agents and seeds, one line per algorithm."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    fig, ax = plt.subplots(figsize=(6, 3.8), layout="constrained")
     for algo, dirs in run_dirs.items():
         curves = []
         for d in dirs:

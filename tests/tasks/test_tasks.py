@@ -98,3 +98,46 @@ def test_module_task_trains_a_users_own_model(tmp_path):
     assert last < first
     assert res.summary["final_accuracy"]["mean"] > 0.5  # 10 digit classes: chance is 0.1
     assert len(res.metrics) == 15
+
+
+def test_clip_reads_an_image_folder(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("red_rose", "sunflower"):
+        (tmp_path / name).mkdir()
+        for k in range(5):
+            Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(tmp_path / name / f"{k}.png")
+    cfg = load_config(None, ["task.kind=clip", "task.model=random-tiny-clip", f"task.dataset={tmp_path}", "task.test_examples=4"])
+    task = build_task(cfg)
+    assert task.examples.class_names == ["red rose", "sunflower"] and len(task.labels) == 10
+    batch = task.batch([0, 7])
+    assert batch["pixel_values"].shape == (2, 3, 32, 32)
+    (tmp_path / "sunflower" / "broken.png").write_text("not an image")
+    with pytest.raises(Exception, match="cannot be read; remove or replace it"):
+        build_task(cfg)
+
+
+def test_causal_lm_on_instruction_data_scores_token_accuracy(tmp_path):
+    import json
+
+    f = tmp_path / "instr.jsonl"
+    with open(f, "w") as fh:
+        for k in range(60):
+            fh.write(json.dumps({"instruction": f"repeat the number {k}", "output": f"{k} {k}"}) + "\n")
+    cfg = load_config(None, ["task.kind=causal_lm", f"task.dataset={f}", "task.text_column=instruction", "task.label_column=output",
+                             "task.test_examples=10", "task.batch_size=10", "agents=2", "rounds=3", "local_steps=5", "optim.lr=1e-2",
+                             "partition.scheme=iid", "partition.local_eval=0", "eval_every=3"])
+    sim = Simulation(cfg, progress=False, write=False)
+    assert not sim.task.classify and sim.task.metric == "accuracy"
+    res = sim.run()
+    first, last = first_and_last_round_loss(res.metrics)
+    assert last < first
+
+
+def test_hugging_face_datasets_need_the_package_or_say_why():
+    from decaf_lora.config import ConfigError
+
+    cfg = load_config(None, ["task.dataset=hf:glue:sst2", "task.text_column=sentence"])
+    with pytest.raises(ConfigError, match="task.dataset='hf:glue:sst2'"):
+        build_task(cfg)  # without `datasets` installed or without network: one sentence, not a traceback

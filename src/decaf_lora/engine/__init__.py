@@ -1,5 +1,5 @@
 """Engines run the round loop. ``simulation``: all agents in one process around one shared base model."""
 
-from .simulation import RunResult, Simulation, run
+from .simulation import RunResult, Simulation, resume, run
 
-__all__ = ["RunResult", "Simulation", "run"]
+__all__ = ["RunResult", "Simulation", "resume", "run"]

@@ -25,6 +25,7 @@ from ..algorithms.fedavg import server_weights
 from ..config import RunConfig, dump_config, load_config, validate_config
 from ..rundir import new_run_dir, save_tensors, write_json, write_jsonl, write_text
 from ..topology import Topology
+from .checkpoint import load_checkpoint, save_checkpoint
 from .split import DataSplit, split_data
 
 
@@ -57,7 +58,7 @@ def lr_at(step: int, total: int, cfg) -> float:
 class Simulation:
     """Build everything from a config (and optionally a ready task), then :meth:`run`."""
 
-    def __init__(self, cfg: RunConfig, task=None, run_dir: str | None = None, progress: bool = True, write: bool = True):
+    def __init__(self, cfg: RunConfig, task=None, run_dir: str | None = None, progress: bool = True, write: bool = True, resume: bool = False):
         validate_config(cfg)
         self.cfg = cfg
         self.progress = progress
@@ -87,7 +88,11 @@ class Simulation:
         self.total_steps = cfg.rounds * cfg.local_steps
         self.metrics: list[dict] = []
         self.run_dir = None
-        if write:
+        self.start_round, self._elapsed_before = 0, 0.0
+        if resume:
+            self.run_dir = run_dir
+            self.start_round, self._elapsed_before = load_checkpoint(self)
+        elif write:
             self.run_dir = run_dir or new_run_dir(cfg.out_dir, cfg.name, self.algorithm.name, cfg.seed)
             self._write_setup()
 
@@ -160,20 +165,20 @@ class Simulation:
     def mix(self, round_: int) -> dict:
         W = self.mixing_matrix(round_)
         st = self.states
-        tail = torch.zeros(self.cfg.agents)
+        tail = None  # summed over layers, for methods that truncate (DeCAF)
         for l in range(len(st.layers)):
             out = self.algorithm.mix(st.A[l], st.B[l], W.to(st.A[l].device), round_=round_)
             st.A[l].copy_(out.A)
             st.B[l].copy_(out.B)
             if "tsvd_tail" in out.stats:
-                tail += out.stats["tsvd_tail"].float().cpu()
+                tail = out.stats["tsvd_tail"].float().cpu() + (0 if tail is None else tail)
         if self.algorithm.communication != "none":
             for name, h in st.H.items():
                 h.copy_(torch.einsum("ij,j...->i...", W.to(h.dtype).to(h.device), h))
         if self.cfg.optim.state_after_mix == "reset":
             for opt in self.optimizers:
                 opt.state = defaultdict(dict)
-        return {"W": W, "tsvd_tail": tail if self.algorithm.name == "decaf" else None}
+        return {"W": W, "tsvd_tail": tail}
 
     def payload_bytes(self, round_: int) -> int:
         """Bytes one agent sends to one receiver this round: the factors the method sends plus the head."""
@@ -203,9 +208,9 @@ class Simulation:
         if self.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=cfg.rounds, desc=f"{self.algorithm.name} x{n}", unit="round", dynamic_ncols=True)
+            bar = tqdm(total=cfg.rounds, initial=self.start_round, desc=f"{self.algorithm.name} x{n}", unit="round", dynamic_ncols=True)
         last_acc = float("nan")
-        for t in range(cfg.rounds):
+        for t in range(self.start_round, cfg.rounds):
             self.states.set_trainable(self.algorithm.trainable(t))
             t_train = []
             losses = []
@@ -248,12 +253,13 @@ class Simulation:
                 self.metrics.append(row)
             if self.run_dir:
                 write_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), self.metrics)
+                save_checkpoint(self, t + 1, self._elapsed_before + time.perf_counter() - t_start)
             if bar is not None:
-                bar.set_postfix(loss=f"{np.mean(losses):.3f}", acc=f"{last_acc:.3f}")
+                bar.set_postfix(loss=f"{np.mean(losses):.3f}", acc="-" if np.isnan(last_acc) else f"{last_acc:.3f}")
                 bar.update(1)
         if bar is not None:
             bar.close()
-        summary = self.summarize(time.perf_counter() - t_start)
+        summary = self.summarize(self._elapsed_before + time.perf_counter() - t_start)
         if self.run_dir:
             save_tensors(os.path.join(self.run_dir, "adapters.safetensors"), self.states.state_dict(), {"format": "decaf-lora agents x factors"})
             write_json(os.path.join(self.run_dir, "summary.json"), summary)
@@ -290,6 +296,36 @@ class Simulation:
             "wall_seconds": wall,
             "adapter_bytes": self.states.adapter_bytes(),
         }
+
+
+def resume(run_dir: str, overrides: list[str] | tuple[str, ...] = (), task=None, progress: bool = False) -> RunResult:
+    """Continue a run from its last finished round; the result equals that of an uninterrupted run.
+
+    ``overrides`` may only restate the run's own config (and change ``device``): a resume with a different config
+    is refused, since it would silently mix two experiments in one directory.
+    """
+    from ..config import ConfigError
+    from ..rundir import check_run_dir, read_json
+
+    check_run_dir(run_dir, ("config.yaml",))
+    stored = load_config(os.path.join(run_dir, "config.yaml"))
+    wanted = load_config(stored.to_dict(), overrides)
+    differ = [f"{k}: {a!r} in the run, {b!r} now" for k, a, b in _diff(stored.to_dict(), wanted.to_dict()) if k != "device"]
+    if differ:
+        raise ConfigError([f"cannot resume {run_dir!r} with a different config ({'; '.join(differ)}); drop those overrides or start a new run."])
+    if os.path.exists(os.path.join(run_dir, "summary.json")):
+        from ..rundir import read_metrics
+
+        return RunResult(run_dir, read_json(os.path.join(run_dir, "summary.json")), read_metrics(run_dir))
+    return Simulation(wanted, task=task, run_dir=run_dir, progress=progress, resume=True).run()
+
+
+def _diff(a: dict, b: dict, prefix: str = ""):
+    for k in a:
+        if isinstance(a[k], dict) and isinstance(b.get(k), dict) and k not in ("algorithm_options", "params"):
+            yield from _diff(a[k], b[k], f"{prefix}{k}.")
+        elif a[k] != b.get(k):
+            yield prefix + k, a[k], b.get(k)
 
 
 def run(config, task=None, progress: bool = False, overrides: list[str] | tuple[str, ...] = (), write: bool = True) -> RunResult:

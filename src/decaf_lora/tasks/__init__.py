@@ -22,7 +22,7 @@ __all__ = ["Task", "TextClassification", "ClipFewShot", "CausalLM", "ModuleTask"
 def build_task(cfg: RunConfig) -> Task:
     t = cfg.task
     if t.kind == "clip":
-        ex = load_examples(t.dataset, "image")
+        ex = load_examples(t.dataset, "image", t.text_column, t.label_column)
         if t.label_names:
             ex.class_names = _label_names(t.label_names, ex.class_names)
         return ClipFewShot(ex, "random-tiny-clip" if t.model == "minilm" else t.model, dtype=t.dtype)

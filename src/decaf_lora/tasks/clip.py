@@ -56,7 +56,7 @@ class ClipFewShot(Task):
     def _pixels(self, images: list[np.ndarray]) -> torch.Tensor:
         if self._processor is not None:
             return self._processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        x = torch.stack([torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1) for im in images]).float() / 255.0
+        x = torch.stack([torch.as_tensor(np.array(im, dtype=np.float32)).permute(2, 0, 1) for im in images]) / 255.0
         x = nn.functional.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         return (x - CLIP_MEAN) / CLIP_STD
 

@@ -1,0 +1,106 @@
+"""Checkpoint every round; a run killed at any point and resumed ends with the numbers of an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from decaf_lora.config import ConfigError, load_config
+from decaf_lora.engine import Simulation, resume, run
+from decaf_lora.rundir import read_metrics
+from test_simulation import cfg_for, digits_task
+
+
+def without_timing(metrics):
+    return [{k: v for k, v in m.items() if k != "seconds"} for m in metrics]
+
+
+@pytest.mark.parametrize("policy", ["keep", "reset"])
+def test_crash_mid_round_then_resume_equals_uninterrupted(tmp_path, monkeypatch, policy):
+    # LoRA dropout makes the torch RNG matter; 'keep' makes Adam's moments matter.
+    cfg = cfg_for(tmp_path, rounds=5, lora={"rank": 2, "dropout": 0.2}, optim={"lr": 1e-2, "state_after_mix": policy})
+    full = run(cfg, task=digits_task(), write=False).metrics
+
+    sim = Simulation(load_config(cfg), task=digits_task(), progress=False)
+    real = sim.train_agent
+
+    def crash(agent, round_):
+        if round_ == 3 and agent == 2:
+            raise KeyboardInterrupt  # the process dies in the middle of round 4
+        return real(agent, round_)
+
+    monkeypatch.setattr(sim, "train_agent", crash)
+    with pytest.raises(KeyboardInterrupt):
+        sim.run()
+    assert max(m["round"] for m in read_metrics(sim.run_dir)) == 3
+    assert not os.path.exists(os.path.join(sim.run_dir, "summary.json"))
+
+    resumed = resume(sim.run_dir, task=digits_task())
+    assert without_timing(resumed.metrics) == without_timing(full)
+    assert without_timing(read_metrics(sim.run_dir)) == without_timing(full)
+    assert resume(sim.run_dir, task=digits_task()).summary == resumed.summary  # a finished run resumes to itself
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path):
+    res = run(cfg_for(tmp_path, rounds=1), task=digits_task())
+    with pytest.raises(ConfigError, match=r"cannot resume .* with a different config \(lora.rank: 2 in the run, 3 now\)"):
+        resume(res.run_dir, ["lora.rank=3"], task=digits_task())
+    resume(res.run_dir, ["lora.rank=2", "device=cpu"], task=digits_task())  # restating the config is fine
+
+
+def test_unreadable_checkpoint_is_one_clear_error(tmp_path, monkeypatch):
+    cfg = cfg_for(tmp_path, rounds=3)
+    sim = Simulation(load_config(cfg), task=digits_task(), progress=False)
+    real = sim.train_agent
+    monkeypatch.setattr(sim, "train_agent", lambda a, t: (_ for _ in ()).throw(KeyboardInterrupt) if t == 1 else real(a, t))
+    with pytest.raises(KeyboardInterrupt):
+        sim.run()
+    with open(os.path.join(sim.run_dir, "checkpoint.safetensors"), "r+b") as fh:
+        fh.truncate(100)
+    from decaf_lora.errors import DecafError
+
+    with pytest.raises(DecafError, match=r"cannot be read \(SafetensorError\); delete it to restart"):
+        resume(sim.run_dir, task=digits_task())
+
+
+def checkpoint_rounds(run_dir):
+    path = os.path.join(run_dir, "checkpoint.safetensors")
+    if not os.path.exists(path):
+        return 0
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as fh:
+        return json.loads(fh.metadata()["state"])["rounds_done"]
+
+
+def test_sigkill_at_any_point_then_resume_equals_uninterrupted(tiny_text, tmp_path):
+    """A real process, killed with SIGKILL mid-run, resumed by the CLI; bounded by timeouts, never hangs."""
+    overrides = tiny_text(rounds=6, local_steps=4, **{"lora.dropout": 0.1, "optim.state_after_mix": "keep"})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    victim_out = tmp_path / "victim"
+    cmd = [sys.executable, "-m", "decaf_lora", "run", "-q", *overrides, f"out_dir={victim_out}"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    run_dir = None
+    try:
+        while time.time() < deadline:
+            dirs = [p for p in victim_out.iterdir()] if victim_out.exists() else []
+            if dirs and checkpoint_rounds(str(dirs[0])) >= 2:
+                run_dir = str(dirs[0])
+                break
+            time.sleep(0.02)
+        assert run_dir is not None and proc.poll() is None, "the run should still be going when it is killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert not os.path.exists(os.path.join(run_dir, "summary.json"))
+    done = subprocess.run([sys.executable, "-m", "decaf_lora", "run", "-q", "--resume", run_dir], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    # the reference runs in the same conditions (a fresh process, same threads): bitwise equality is expected
+    subprocess.run([sys.executable, "-m", "decaf_lora", "run", "-q", *overrides, f"out_dir={tmp_path / 'full'}"], env=env, check=True, capture_output=True, timeout=300)
+    (full_dir,) = list((tmp_path / "full").iterdir())
+    assert without_timing(read_metrics(run_dir)) == without_timing(read_metrics(str(full_dir)))
