@@ -89,6 +89,15 @@ class TaskConfig:
 
 
 @dataclass
+class FaultsConfig:
+    link_drop: float = _f(0.0, "probability that each link is down in a round, on top of the topology's schedule")
+    agent_dropout: float = _f(0.0, "probability that an agent sits a round out (no training, no exchange)")
+    poison_agent: int = _f(-1, "for testing defences: this agent sends broken payloads (-1 = nobody)")
+    poison: str = _f("nan", "what the poisoned agent sends: nan, shape (a wrong shape) or scale (huge values)")
+    max_norm: float = _f(1e4, "reject a received factor whose Frobenius norm exceeds this (0 = no bound)")
+
+
+@dataclass
 class RunConfig:
     name: str = _f("demo", "a label for the run; the run directory is named after it")
     algorithm: str = _f("decaf", "aggregation method: decaf, dlora, dlora-fa, local, fedavg")
@@ -107,6 +116,7 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -132,6 +142,10 @@ def field_help(cls=RunConfig, prefix: str = "") -> list[tuple[str, str, Any]]:
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             rows.append((prefix + f.name, f.metadata.get("help", ""), default))
     return rows
+
+
+def _leaf_names_of(section: str) -> list[str]:
+    return [n for n in _leaf_names() if n.startswith(section + ".")]
 
 
 def _leaf_names() -> list[str]:
@@ -175,6 +189,9 @@ def _apply(cfg: RunConfig, data: dict, problems: list[str], origin: str) -> None
             _apply(cfg, {f"{parts[0]}.{k}": v for k, v in value.items()}, problems, origin)
             continue
         if parts[0] in sections and len(parts) == 1:
+            if parts[0] not in SECTION_SHORTCUTS:
+                problems.append(f"{origin} sets '{parts[0]}', which is a section; set its fields, e.g. {_leaf_names_of(parts[0])[0]}=...")
+                continue
             parts = [parts[0], SECTION_SHORTCUTS[parts[0]]]
         dotted = ".".join(parts)
         if dotted not in leaves:
@@ -286,6 +303,14 @@ def validate_config(cfg: RunConfig) -> RunConfig:
         p.append(f"topology.link_drop={cfg.topology.link_drop} is invalid; use a probability in [0, 1).")
     if cfg.topology.link_drop > 0 and cfg.topology.schedule == "static":
         cfg.topology.schedule = "link_failures"
+    for name, value in (("faults.link_drop", cfg.faults.link_drop), ("faults.agent_dropout", cfg.faults.agent_dropout)):
+        if not 0 <= value < 1:
+            p.append(f"{name}={value} is invalid; use a probability in [0, 1).")
+    if not -1 <= cfg.faults.poison_agent < cfg.agents:
+        p.append(f"faults.poison_agent={cfg.faults.poison_agent} is out of range; use -1 (nobody) or an agent from 0 to {cfg.agents - 1}.")
+    _choice(p, "faults.poison", cfg.faults.poison, {"nan", "shape", "scale"})
+    if cfg.faults.max_norm < 0:
+        p.append(f"faults.max_norm={cfg.faults.max_norm} is invalid; use a positive bound, or 0 for none.")
     if not cfg.partition.alpha > 0:
         p.append(f"partition.alpha={cfg.partition.alpha} is invalid; use a positive number (0.1 skewed, 100 nearly IID).")
     _choice(p, "algorithm", cfg.algorithm.strip().lower().replace("_", "-"), algorithms.available())

@@ -109,7 +109,11 @@ def run_table(run_dir: str) -> str:
     ]
     for m in last:
         local = m.get("local_accuracy")
-        lines.append(f"| {m['agent']} | {m['eval_accuracy']:.4f} | {'-' if local is None else f'{local:.4f}'} | {m['consensus_distance']:.4g} | {m['train_loss']:.4f} |")
+        loss = m.get("train_loss")
+        lines.append(
+            f"| {m['agent']} | {m['eval_accuracy']:.4f} | {'-' if local is None else f'{local:.4f}'} | {m['consensus_distance']:.4g} | "
+            f"{'absent' if loss is None else f'{loss:.4f}'} |"
+        )
     lines += ["", "![training](plots/training.png)", "", "![labels](plots/label_histograms.png)", ""]
     return "\n".join(lines)
 

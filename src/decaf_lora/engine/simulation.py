@@ -23,6 +23,7 @@ from .. import algorithms
 from ..adapters import AgentStates, attach_lora
 from ..algorithms.fedavg import server_weights
 from ..config import RunConfig, dump_config, load_config, validate_config
+from ..faults import RoundFaults, absent_agents, check_payload, drop_links, isolate, poison, renormalize_without
 from ..rundir import new_run_dir, save_tensors, write_json, write_jsonl, write_text
 from ..topology import Topology
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -161,9 +162,55 @@ class Simulation:
             return torch.eye(self.cfg.agents, dtype=torch.float64)
         return torch.from_numpy(self.schedule.matrix(round_))
 
+    def round_plan(self, round_: int) -> tuple[np.ndarray, np.ndarray]:
+        """This round's mixing matrix after link drops and absences, and the mask of absent agents."""
+        f = self.cfg.faults
+        W = self.mixing_matrix(round_).numpy()
+        absent = absent_agents(self.cfg.agents, f.agent_dropout, self.cfg.seed, round_)
+        if self.algorithm.communication == "gossip":
+            W = isolate(drop_links(W, f.link_drop, self.cfg.seed, round_), absent)
+        elif self.algorithm.communication == "server" and absent.any():
+            present = ~absent
+            W = np.eye(self.cfg.agents)  # the absent keep their own adapter; the server averages the present
+            if present.any():
+                W[present] = server_weights(self.split.sizes * present, int(present.sum())).numpy()
+        return W, absent
+
+    def payload(self, agent: int, round_: int) -> list[torch.Tensor]:
+        """What ``agent`` transmits this round, layer by layer (a poisoned agent transmits garbage)."""
+        st = self.states
+        sends = self.algorithm.sends(round_)
+        out = [t[agent] for A, B in zip(st.A, st.B) for name, t in (("A", A), ("B", B)) if name in sends]
+        out += [h[agent] for h in st.H.values()]
+        if agent == self.cfg.faults.poison_agent:
+            out = [poison(t, self.cfg.faults.poison) for t in out]
+        return out
+
+    def screen(self, W: np.ndarray, round_: int) -> RoundFaults:
+        """Check every payload that crosses a link; receivers drop the senders whose payload fails."""
+        faults = RoundFaults(absent=np.zeros(self.cfg.agents, dtype=bool))
+        if self.algorithm.communication == "none":
+            return faults
+        st = self.states
+        sends = self.algorithm.sends(round_)
+        expected = [(t.shape[1:], t.dtype) for A, B in zip(st.A, st.B) for name, t in (("A", A), ("B", B)) if name in sends]
+        expected += [(h.shape[1:], h.dtype) for h in st.H.values()]
+        off = W - np.diag(np.diag(W))
+        for j in np.nonzero(off.any(axis=0))[0]:
+            for t, (shape, dtype) in zip(self.payload(int(j), round_), expected):
+                reason = check_payload(t, shape, dtype, self.cfg.faults.max_norm)
+                if reason:
+                    faults.reasons[int(j)] = reason
+                    for i in np.nonzero(off[:, j])[0]:
+                        faults.rejected.setdefault(int(i), []).append(int(j))
+                    break
+        return faults
+
     @torch.no_grad()
-    def mix(self, round_: int) -> dict:
-        W = self.mixing_matrix(round_)
+    def mix(self, round_: int, W: np.ndarray | None = None) -> dict:
+        W = self.round_plan(round_)[0] if W is None else W
+        faults = self.screen(W, round_)
+        W = torch.from_numpy(renormalize_without(W, faults.rejected))
         st = self.states
         tail = None  # summed over layers, for methods that truncate (DeCAF)
         for l in range(len(st.layers)):
@@ -178,7 +225,7 @@ class Simulation:
         if self.cfg.optim.state_after_mix == "reset":
             for opt in self.optimizers:
                 opt.state = defaultdict(dict)
-        return {"W": W, "tsvd_tail": tail}
+        return {"W": W, "tsvd_tail": tail, "faults": faults}
 
     def payload_bytes(self, round_: int) -> int:
         """Bytes one agent sends to one receiver this round: the factors the method sends plus the head."""
@@ -212,16 +259,20 @@ class Simulation:
         last_acc = float("nan")
         for t in range(self.start_round, cfg.rounds):
             self.states.set_trainable(self.algorithm.trainable(t))
-            t_train = []
-            losses = []
+            W_plan, absent = self.round_plan(t)
+            t_train = [0.0] * n
+            losses: list[float | None] = [None] * n
             for a in range(n):
+                if absent[a]:
+                    continue  # an absent agent neither trains nor talks this round
                 t0 = time.perf_counter()
-                losses.append(self.train_agent(a, t))
-                t_train.append(time.perf_counter() - t0)
+                losses[a] = self.train_agent(a, t)
+                t_train[a] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            mixed = self.mix(t)
+            mixed = self.mix(t, W_plan)
             t_mix = (time.perf_counter() - t0) / n
-            W = mixed["W"].numpy()
+            W = W_plan
+            faults = mixed["faults"]
             payload = self.payload_bytes(t)
             consensus = self.states.consensus_distance()
             evals, t_eval = [{} for _ in range(n)], [0.0] * n
@@ -234,7 +285,7 @@ class Simulation:
             for a in range(n):
                 peers = int(np.count_nonzero(W[a]) - (W[a, a] != 0))
                 if self.algorithm.communication == "server":
-                    sent = received = payload
+                    sent = received = 0 if absent[a] else payload
                 else:
                     sent = received = payload * peers
                 row = {
@@ -246,6 +297,9 @@ class Simulation:
                     "consensus_distance": float(consensus[a]),
                     "tsvd_tail": None if mixed["tsvd_tail"] is None else float(mixed["tsvd_tail"][a]),
                     "neighbors": peers,
+                    "absent": bool(absent[a]),
+                    "rejected": faults.rejected.get(a, []),
+                    "payload_rejected": faults.reasons.get(a),
                     "bytes_sent": sent,
                     "bytes_received": received,
                     "seconds": {"train": t_train[a], "mix": t_mix, "eval": t_eval[a]},
@@ -255,7 +309,7 @@ class Simulation:
                 write_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), self.metrics)
                 save_checkpoint(self, t + 1, self._elapsed_before + time.perf_counter() - t_start)
             if bar is not None:
-                bar.set_postfix(loss=f"{np.mean(losses):.3f}", acc="-" if np.isnan(last_acc) else f"{last_acc:.3f}")
+                bar.set_postfix(loss=f"{np.mean([x for x in losses if x is not None]):.3f}", acc="-" if np.isnan(last_acc) else f"{last_acc:.3f}")
                 bar.update(1)
         if bar is not None:
             bar.close()
