@@ -136,6 +136,9 @@ class Simulation:
         opt = self.optimizers[agent]
         self.states.load(agent)
         self.model.train()
+        # Dropout draws from a stream of this agent and round alone, so results do not depend on which process
+        # trains which agent, nor in what order (the distributed engine equals the simulator).
+        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, 41, agent, round_]).generate_state(1)[0]))
         losses = []
         for s in range(cfg.local_steps):
             step = round_ * cfg.local_steps + s
@@ -247,6 +250,35 @@ class Simulation:
         return out
 
     # ---------------------------------------------------------------------------------------------- loop
+    # ---------------------------------------------------------------------------------------------- hooks
+    # The distributed engine overrides these four; everything else is shared, so both engines compute alike.
+    @property
+    def own(self) -> list[int]:
+        """Agents this process trains and evaluates (all of them here)."""
+        return list(range(self.cfg.agents))
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes the run directory's shared files."""
+        return self.run_dir is not None
+
+    def exchange_and_mix(self, round_: int, W: np.ndarray) -> dict:
+        out = self.mix(round_, W)
+        payload = self.payload_bytes(round_)  # 0 for local
+        if self.algorithm.communication == "server":  # one upload and one download, unless absent (identity row)
+            out["bytes"] = {a: payload if W[a, a] < 1 else 0 for a in range(self.cfg.agents)}
+        else:
+            out["bytes"] = {a: payload * int(np.count_nonzero(W[a]) - (W[a, a] != 0)) for a in range(self.cfg.agents)}
+        return out
+
+    def consensus(self) -> torch.Tensor:
+        return self.states.consensus_distance()
+
+    def collect(self, rows: list[dict]) -> list[dict]:
+        """This round's metrics rows of every agent (the distributed engine gathers them from all processes)."""
+        return rows
+
+    # ---------------------------------------------------------------------------------------------- loop
     def run(self) -> RunResult:
         cfg = self.cfg
         n = cfg.agents
@@ -259,36 +291,29 @@ class Simulation:
         last_acc = float("nan")
         for t in range(self.start_round, cfg.rounds):
             self.states.set_trainable(self.algorithm.trainable(t))
-            W_plan, absent = self.round_plan(t)
-            t_train = [0.0] * n
-            losses: list[float | None] = [None] * n
-            for a in range(n):
+            W, absent = self.round_plan(t)
+            t_train, losses = {}, {}
+            for a in self.own:
                 if absent[a]:
-                    continue  # an absent agent neither trains nor talks this round
+                    losses[a], t_train[a] = None, 0.0  # an absent agent neither trains nor talks this round
+                    continue
                 t0 = time.perf_counter()
                 losses[a] = self.train_agent(a, t)
                 t_train[a] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            mixed = self.mix(t, W_plan)
-            t_mix = (time.perf_counter() - t0) / n
-            W = W_plan
+            mixed = self.exchange_and_mix(t, W)
+            t_mix = (time.perf_counter() - t0) / len(self.own)
             faults = mixed["faults"]
-            payload = self.payload_bytes(t)
-            consensus = self.states.consensus_distance()
-            evals, t_eval = [{} for _ in range(n)], [0.0] * n
+            consensus = self.consensus()
+            evals, t_eval = {a: {} for a in self.own}, {a: 0.0 for a in self.own}
             if (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.rounds:
-                for a in range(n):
+                for a in self.own:
                     t0 = time.perf_counter()
                     evals[a] = self.evaluate_agent(a)
                     t_eval[a] = time.perf_counter() - t0
-                last_acc = float(np.mean([e["eval_accuracy"] for e in evals]))
-            for a in range(n):
-                peers = int(np.count_nonzero(W[a]) - (W[a, a] != 0))
-                if self.algorithm.communication == "server":
-                    sent = received = 0 if absent[a] else payload
-                else:
-                    sent = received = payload * peers
-                row = {
+            rows = []
+            for a in self.own:
+                rows.append({
                     "round": t + 1,
                     "agent": a,
                     "train_loss": losses[a],
@@ -296,25 +321,31 @@ class Simulation:
                     **evals[a],
                     "consensus_distance": float(consensus[a]),
                     "tsvd_tail": None if mixed["tsvd_tail"] is None else float(mixed["tsvd_tail"][a]),
-                    "neighbors": peers,
+                    "neighbors": int(np.count_nonzero(W[a]) - (W[a, a] != 0)),
                     "absent": bool(absent[a]),
                     "rejected": faults.rejected.get(a, []),
                     "payload_rejected": faults.reasons.get(a),
-                    "bytes_sent": sent,
-                    "bytes_received": received,
+                    "bytes_sent": int(mixed["bytes"][a]),
+                    "bytes_received": int(mixed["bytes_received"][a]) if "bytes_received" in mixed else int(mixed["bytes"][a]),
                     "seconds": {"train": t_train[a], "mix": t_mix, "eval": t_eval[a]},
-                }
-                self.metrics.append(row)
+                })
+            rows = sorted(self.collect(rows), key=lambda r: r["agent"])
+            self.metrics += rows
+            evaluated = [r["eval_accuracy"] for r in rows if "eval_accuracy" in r]
+            if evaluated:
+                last_acc = float(np.mean(evaluated))
             if self.run_dir:
-                write_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), self.metrics)
+                if self.writes:
+                    write_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), self.metrics)
                 save_checkpoint(self, t + 1, self._elapsed_before + time.perf_counter() - t_start)
             if bar is not None:
-                bar.set_postfix(loss=f"{np.mean([x for x in losses if x is not None]):.3f}", acc="-" if np.isnan(last_acc) else f"{last_acc:.3f}")
+                live = [r["train_loss"] for r in rows if r["train_loss"] is not None]
+                bar.set_postfix(loss=f"{np.mean(live):.3f}" if live else "-", acc="-" if np.isnan(last_acc) else f"{last_acc:.3f}")
                 bar.update(1)
         if bar is not None:
             bar.close()
         summary = self.summarize(self._elapsed_before + time.perf_counter() - t_start)
-        if self.run_dir:
+        if self.run_dir and self.writes:
             save_tensors(os.path.join(self.run_dir, "adapters.safetensors"), self.states.state_dict(), {"format": "decaf-lora agents x factors"})
             write_json(os.path.join(self.run_dir, "summary.json"), summary)
             from ..report import write_report
