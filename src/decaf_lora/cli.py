@@ -134,6 +134,14 @@ def run(args: tuple[str, ...], help_config: bool, quiet: bool, resume_dir: str |
         click.echo(run_table(result.run_dir).split("\n\n![")[0])
         return
     cfg = load_config(path, overrides)
+    if cfg.engine == "distributed":
+        from .engine.distributed import DistributedSimulation
+
+        sim = DistributedSimulation(cfg, progress=not quiet)
+        result = sim.run()
+        if sim.rank == 0:
+            click.echo(run_table(result.run_dir).split("\n\n![")[0])
+        return
     sim = Simulation(cfg, progress=not quiet)
     click.echo(f"run directory: {sim.run_dir}", err=True)
     result = sim.run()

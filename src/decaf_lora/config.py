@@ -95,6 +95,7 @@ class FaultsConfig:
     poison_agent: int = _f(-1, "for testing defences: this agent sends broken payloads (-1 = nobody)")
     poison: str = _f("nan", "what the poisoned agent sends: nan, shape (a wrong shape) or scale (huge values)")
     max_norm: float = _f(1e4, "reject a received factor whose Frobenius norm exceeds this (0 = no bound)")
+    timeout: float = _f(300.0, "engine=distributed: seconds to wait for a peer before the process fails (torchrun --max-restarts then resumes)")
 
 
 @dataclass
@@ -110,7 +111,7 @@ class RunConfig:
     split_seed: int = _f(0, "data-split seed: test hold-out, subsampling and the partition over agents")
     device: str = _f("cpu", "cpu, cuda, cuda:N or auto")
     out_dir: str = _f("runs", "where run directories are created")
-    engine: str = _f("simulation", "simulation (one process, one shared base model)")
+    engine: str = _f("simulation", "simulation (one process, one shared base model) or distributed (under torchrun)")
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -321,7 +322,9 @@ def validate_config(cfg: RunConfig) -> RunConfig:
     _choice(p, "optim.state_after_mix", cfg.optim.state_after_mix, {"reset", "keep"})
     _choice(p, "task.kind", cfg.task.kind, {"text", "clip", "causal_lm"})
     _choice(p, "task.dtype", cfg.task.dtype, {"float32", "bfloat16", "float16"})
-    _choice(p, "engine", cfg.engine, {"simulation"})
+    _choice(p, "engine", cfg.engine, {"simulation", "distributed"})
+    if cfg.faults.timeout <= 0:
+        p.append(f"faults.timeout={cfg.faults.timeout} is invalid; use a positive number of seconds.")
     if cfg.partition.scheme == "natural" and not cfg.partition.key:
         p.append("partition.scheme=natural needs partition.key, the column holding the natural key (e.g. user).")
     opts = cfg.algorithm_options

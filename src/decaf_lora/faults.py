@@ -77,6 +77,23 @@ def check_payload(t: torch.Tensor, shape: tuple, dtype: torch.dtype, max_norm: f
     return None
 
 
+def check_parts(parts: list[torch.Tensor], expected: list[tuple], max_norm: float) -> str | None:
+    """Screen one sender's whole payload (a list of tensors) against the expected (shape, dtype) of each.
+
+    Sizes are compared by element count, as on the wire, so both engines word a rejection the same way.
+    """
+    if len(parts) != len(expected):
+        return f"{len(parts)} tensors instead of {len(expected)}"
+    for t, (shape, dtype) in zip(parts, expected):
+        want = int(np.prod(tuple(shape)))
+        if t.numel() != want:
+            return f"a tensor of {t.numel()} values instead of shape {tuple(shape)}"
+        reason = check_payload(t.reshape(shape), shape, dtype, max_norm)
+        if reason:
+            return reason
+    return None
+
+
 def poison(t: torch.Tensor, kind: str) -> torch.Tensor:
     """What a broken or hostile agent sends instead of ``t`` (for testing the defences)."""
     if kind == "nan":

@@ -19,7 +19,7 @@ import torch
 from ..errors import DecafError
 from ..rundir import read_metrics, save_tensors
 
-FILE = "checkpoint.safetensors"
+FILE = "checkpoint.safetensors"  # the simulator's; distributed processes write checkpoint.rank{r}.safetensors
 
 
 def save_checkpoint(sim, rounds_done: int, elapsed: float) -> None:
@@ -44,14 +44,17 @@ def save_checkpoint(sim, rounds_done: int, elapsed: float) -> None:
         "numpy_rng": [g.bit_generator.state for g in sim._batch_rng],
         "param_groups": groups,
     }
-    save_tensors(os.path.join(sim.run_dir, FILE), tensors, {"state": json.dumps(meta)})
+    path = os.path.join(sim.run_dir, sim.checkpoint_file)
+    if os.path.exists(path):  # the previous round's stays beside it: distributed processes may be one round apart
+        os.replace(path, path.replace(".safetensors", ".prev.safetensors"))
+    save_tensors(path, tensors, {"state": json.dumps(meta)})
 
 
-def load_checkpoint(sim) -> tuple[int, float]:
+def load_checkpoint(sim, name: str | None = None) -> tuple[int, float]:
     """Restore ``sim`` to the end of the last finished round; returns (rounds done, wall seconds so far)."""
     from safetensors import safe_open
 
-    path = os.path.join(sim.run_dir, FILE)
+    path = os.path.join(sim.run_dir, name or sim.checkpoint_file)
     if not os.path.exists(path):
         return 0, 0.0
     try:

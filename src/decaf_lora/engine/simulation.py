@@ -23,9 +23,10 @@ from .. import algorithms
 from ..adapters import AgentStates, attach_lora
 from ..algorithms.fedavg import server_weights
 from ..config import RunConfig, dump_config, load_config, validate_config
-from ..faults import RoundFaults, absent_agents, check_payload, drop_links, isolate, poison, renormalize_without
+from ..faults import RoundFaults, absent_agents, check_parts, drop_links, isolate, poison, renormalize_without
 from ..rundir import new_run_dir, save_tensors, write_json, write_jsonl, write_text
 from ..topology import Topology
+from .checkpoint import FILE as CHECKPOINT_FILE
 from .checkpoint import load_checkpoint, save_checkpoint
 from .split import DataSplit, split_data
 
@@ -90,6 +91,7 @@ class Simulation:
         self.metrics: list[dict] = []
         self.run_dir = None
         self.start_round, self._elapsed_before = 0, 0.0
+        self.checkpoint_file = CHECKPOINT_FILE
         if resume:
             self.run_dir = run_dir
             self.start_round, self._elapsed_before = load_checkpoint(self)
@@ -200,13 +202,11 @@ class Simulation:
         expected += [(h.shape[1:], h.dtype) for h in st.H.values()]
         off = W - np.diag(np.diag(W))
         for j in np.nonzero(off.any(axis=0))[0]:
-            for t, (shape, dtype) in zip(self.payload(int(j), round_), expected):
-                reason = check_payload(t, shape, dtype, self.cfg.faults.max_norm)
-                if reason:
-                    faults.reasons[int(j)] = reason
-                    for i in np.nonzero(off[:, j])[0]:
-                        faults.rejected.setdefault(int(i), []).append(int(j))
-                    break
+            reason = check_parts(self.payload(int(j), round_), expected, self.cfg.faults.max_norm)
+            if reason:
+                faults.reasons[int(j)] = reason
+                for i in np.nonzero(off[:, j])[0]:
+                    faults.rejected.setdefault(int(i), []).append(int(j))
         return faults
 
     @torch.no_grad()
@@ -264,11 +264,19 @@ class Simulation:
 
     def exchange_and_mix(self, round_: int, W: np.ndarray) -> dict:
         out = self.mix(round_, W)
-        payload = self.payload_bytes(round_)  # 0 for local
+        n = self.cfg.agents
+        if self.algorithm.communication == "none":
+            out["bytes"] = out["bytes_received"] = {a: 0 for a in range(n)}
+            return out
+        # bytes of the tensors actually sent (a poisoned payload may be smaller), once per receiver
+        size = {a: sum(t.numel() * t.element_size() for t in self.payload(a, round_)) for a in range(n)}
         if self.algorithm.communication == "server":  # one upload and one download, unless absent (identity row)
-            out["bytes"] = {a: payload if W[a, a] < 1 else 0 for a in range(self.cfg.agents)}
+            out["bytes"] = {a: size[a] if W[a, a] < 1 else 0 for a in range(n)}
+            out["bytes_received"] = {a: self.payload_bytes(round_) if W[a, a] < 1 else 0 for a in range(n)}
         else:
-            out["bytes"] = {a: payload * int(np.count_nonzero(W[a]) - (W[a, a] != 0)) for a in range(self.cfg.agents)}
+            off = W - np.diag(np.diag(W))
+            out["bytes"] = {a: size[a] * int(np.count_nonzero(off[:, a])) for a in range(n)}
+            out["bytes_received"] = {a: sum(size[int(j)] for j in np.nonzero(off[a])[0]) for a in range(n)}
         return out
 
     def consensus(self) -> torch.Tensor:
@@ -277,6 +285,9 @@ class Simulation:
     def collect(self, rows: list[dict]) -> list[dict]:
         """This round's metrics rows of every agent (the distributed engine gathers them from all processes)."""
         return rows
+
+    def gather_states(self) -> None:
+        """Make every agent's final adapter available to the writing process (a no-op here)."""
 
     # ---------------------------------------------------------------------------------------------- loop
     def run(self) -> RunResult:
@@ -326,7 +337,7 @@ class Simulation:
                     "rejected": faults.rejected.get(a, []),
                     "payload_rejected": faults.reasons.get(a),
                     "bytes_sent": int(mixed["bytes"][a]),
-                    "bytes_received": int(mixed["bytes_received"][a]) if "bytes_received" in mixed else int(mixed["bytes"][a]),
+                    "bytes_received": int(mixed["bytes_received"][a]),
                     "seconds": {"train": t_train[a], "mix": t_mix, "eval": t_eval[a]},
                 })
             rows = sorted(self.collect(rows), key=lambda r: r["agent"])
@@ -345,6 +356,7 @@ class Simulation:
         if bar is not None:
             bar.close()
         summary = self.summarize(self._elapsed_before + time.perf_counter() - t_start)
+        self.gather_states()
         if self.run_dir and self.writes:
             save_tensors(os.path.join(self.run_dir, "adapters.safetensors"), self.states.state_dict(), {"format": "decaf-lora agents x factors"})
             write_json(os.path.join(self.run_dir, "summary.json"), summary)

@@ -1,0 +1,121 @@
+"""engine=distributed under torchrun (gloo on loopback) writes the simulator's metrics, survives faults the same
+way, and resumes after a killed process. Every subprocess is bounded by a timeout, so CI never hangs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from conftest import tiny_text_overrides
+
+TIMEOUT = 300
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+LOSSES = ("train_loss", "eval_loss", "local_loss")
+EXACT = ("round", "agent", "eval_accuracy", "local_accuracy", "eval_f1", "neighbors", "bytes_sent", "bytes_received", "rejected", "absent", "payload_rejected")
+
+
+def overrides(model_dir, out_dir, **extra):
+    return tiny_text_overrides(model_dir, out_dir, **{"agents": 4, "rounds": 3, "local_steps": 3, "lora.dropout": 0.1, **extra})
+
+
+def simulate(args, out):
+    subprocess.run([sys.executable, "-m", "decaf_lora", "run", "-q", *args, f"out_dir={out}"], env=ENV, check=True, capture_output=True, timeout=TIMEOUT)
+    return metrics_in(out)
+
+
+def torchrun(args, out, procs, extra=()):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}", *extra,
+           "-m", "decaf_lora", "run", "-q", *args, "engine=distributed", f"out_dir={out}"]
+    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def metrics_in(out):
+    (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
+    return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+
+
+def assert_same_metrics(dist, sim):
+    assert len(dist) == len(sim)
+    for d, s in zip(dist, sim):
+        for k in EXACT:
+            assert d.get(k) == s.get(k), (k, d, s)
+        for k in LOSSES:
+            if s.get(k) is not None:
+                assert d[k] == pytest.approx(s[k], rel=1e-6, abs=1e-7), k
+        for k in ("consensus_distance", "tsvd_tail"):
+            if s.get(k) is not None:
+                assert d[k] == pytest.approx(s[k], rel=1e-4, abs=1e-6), k
+
+
+@pytest.mark.parametrize("algo", ["decaf", "dlora", "dlora-fa"])
+def test_distributed_with_2_and_4_processes_equals_the_simulator(tiny_bert_dir, tmp_path, algo):
+    args = overrides(tiny_bert_dir, str(tmp_path), algorithm=algo)
+    sim = simulate(args, tmp_path / "sim")
+    for procs in (2, 4):
+        proc = torchrun(args, tmp_path / f"d{procs}", procs)
+        out, _ = proc.communicate(timeout=TIMEOUT)
+        assert proc.returncode == 0, out[-3000:]
+        assert_same_metrics(metrics_in(tmp_path / f"d{procs}"), sim)
+    assert "| test accuracy, mean over agents |" in out  # process 0 prints the table
+
+
+@pytest.mark.parametrize("algo", ["decaf", "fedavg"])
+def test_distributed_handles_faults_like_the_simulator(tiny_bert_dir, tmp_path, algo):
+    args = overrides(tiny_bert_dir, str(tmp_path), algorithm=algo, agents=6, **{"faults.link_drop": 0.3, "faults.agent_dropout": 0.2,
+                                                                                   "faults.poison_agent": 2, "faults.poison": "shape"})
+    sim = simulate(args, tmp_path / "sim")
+    proc = torchrun(args, tmp_path / "d", 3)
+    out, _ = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0, out[-3000:]
+    dist = metrics_in(tmp_path / "d")
+    assert_same_metrics(dist, sim)
+    assert any(2 in m["rejected"] for m in dist) and all(m["payload_rejected"] for m in dist if m["agent"] == 2 and not m["absent"] and m["neighbors"])
+
+
+def checkpoint_round(run_dir, rank):
+    from safetensors import safe_open
+
+    path = os.path.join(run_dir, f"checkpoint.rank{rank}.safetensors")
+    try:
+        with safe_open(path, framework="pt") as fh:
+            return json.loads(fh.metadata()["state"])["rounds_done"]
+    except Exception:
+        return 0
+
+
+def test_a_killed_process_is_restarted_by_torchrun_and_the_run_resumes_exactly(tiny_bert_dir, tmp_path):
+    args = overrides(tiny_bert_dir, str(tmp_path), rounds=6, **{"optim.state_after_mix": "keep"})
+    proc = torchrun(args, tmp_path / "d", 2, extra=("--max-restarts=1",))
+    killed = False
+    try:
+        deadline = time.time() + TIMEOUT
+        while time.time() < deadline and not killed:
+            dirs = [p for p in (tmp_path / "d").iterdir()] if (tmp_path / "d").exists() else []
+            if dirs and checkpoint_round(str(dirs[0]), 1) >= 2:
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    try:
+                        if child.environ().get("RANK") == "1" and "decaf_lora" in " ".join(child.cmdline()):
+                            child.send_signal(signal.SIGKILL)
+                            killed = True
+                    except psutil.Error:
+                        pass
+            time.sleep(0.02)
+        assert killed, "rank 1 should have been killed mid-run"
+        out, _ = proc.communicate(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    sim = simulate(args, tmp_path / "sim")
+    assert_same_metrics(metrics_in(tmp_path / "d"), sim)
+
+
+def test_distributed_without_torchrun_is_one_clear_error(tiny_bert_dir, tmp_path):
+    res = subprocess.run([sys.executable, "-m", "decaf_lora", "run", *overrides(tiny_bert_dir, str(tmp_path)), "engine=distributed"],
+                         env={k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE")}, capture_output=True, text=True, timeout=TIMEOUT)
+    assert res.returncode == 2
+    assert "engine=distributed must be launched by torchrun" in res.stderr and "Traceback" not in res.stderr
