@@ -136,11 +136,6 @@ class DistributedSimulation(Simulation):
         parts = self.payload(agent, round_)
         return torch.cat([p.reshape(-1).float() for p in parts]), [p.numel() for p in parts]
 
-    def _expected(self, round_: int) -> list[tuple[torch.Size, torch.dtype]]:
-        st, sends = self.states, self.algorithm.sends(round_)
-        out = [(t.shape[1:], t.dtype) for A, B in zip(st.A, st.B) for name, t in (("A", A), ("B", B)) if name in sends]
-        return out + [(h.shape[1:], h.dtype) for h in st.H.values()]
-
     def _write_received(self, agent: int, parts: list[torch.Tensor], round_: int) -> None:
         st, sends = self.states, self.algorithm.sends(round_)
         it = iter(parts)
@@ -169,38 +164,14 @@ class DistributedSimulation(Simulation):
         recv_bytes = {a: 0 for a in own}
         if comm == "gossip":
             self._exchange(round_, off, faults, sent_bytes, recv_bytes)
-        Wr = renormalize_without(W, faults.rejected)
-        inputs = sorted(set(own) | {int(j) for i in own for j in np.nonzero(Wr[i])[0]})
-        pos = {a: k for k, a in enumerate(inputs)}
-        rows = torch.from_numpy(Wr[np.ix_(own, inputs)])
-        self_index = torch.tensor([pos[a] for a in own])
-        st = self.states
-        tail = None
-        own_t = torch.tensor(own, device=st.A[0].device)
-        in_t = torch.tensor(inputs, device=st.A[0].device)
-        with torch.no_grad():
-            for l in range(len(st.layers)):
-                out = self.algorithm.mix(st.A[l][in_t], st.B[l][in_t], rows.to(st.A[l].device), round_=round_, self_index=self_index)
-                st.A[l][own_t] = out.A
-                st.B[l][own_t] = out.B
-                if "tsvd_tail" in out.stats:
-                    tail = out.stats["tsvd_tail"].float().cpu() + (0 if tail is None else tail)
-            if comm != "none":
-                for name, h in st.H.items():
-                    h[own_t] = torch.einsum("ij,j...->i...", rows.to(h.dtype).to(h.device), h[in_t])
-        if self.cfg.optim.state_after_mix == "reset":
-            from collections import defaultdict
-
-            for a in own:
-                self.optimizers[a].state = defaultdict(dict)
-        full_tail = None if tail is None else dict(zip(own, tail.tolist()))
-        return {"tsvd_tail": full_tail, "faults": faults, "bytes": sent_bytes, "bytes_received": recv_bytes}
+        tail = self.apply_mixing(round_, renormalize_without(W, faults.rejected), own)
+        return {"tsvd_tail": tail, "faults": faults, "bytes": sent_bytes, "bytes_received": recv_bytes}
 
     def _exchange(self, round_: int, off: np.ndarray, faults: RoundFaults, sent: dict, received: dict) -> None:
         """Point-to-point: each own agent's payload to every process holding one of its neighbours this round."""
         dist = _dist()
         own = set(self.own)
-        expected = self._expected(round_)
+        expected = self.expected_payload(round_)
         plan_send = sorted({(int(j), int(self.owner[i])) for j in own for i in np.nonzero(off[:, j])[0] if self.owner[i] != self.rank})
         plan_recv = sorted({(int(j), int(self.owner[j])) for i in own for j in np.nonzero(off[i])[0] if self.owner[j] != self.rank})
         payloads = {j: self._flat_payload(j, round_) for j in {j for j, _ in plan_send}}
@@ -265,7 +236,7 @@ class DistributedSimulation(Simulation):
         present = np.array([W[a, a] < 1 for a in range(n)])
         weights = W[int(np.argmax(present))] * present if present.any() else np.zeros(n)
         faults = RoundFaults(absent=~present)
-        expected = self._expected(round_)
+        expected = self.expected_payload(round_)
         local_bad = torch.zeros(n, dtype=torch.int64)
         for j in own:
             if present[j]:

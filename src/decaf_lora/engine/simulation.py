@@ -191,15 +191,19 @@ class Simulation:
             out = [poison(t, self.cfg.faults.poison) for t in out]
         return out
 
+    def expected_payload(self, round_: int) -> list[tuple[torch.Size, torch.dtype]]:
+        """(shape, dtype) of each tensor of a healthy payload, in :meth:`payload` order."""
+        st = self.states
+        sends = self.algorithm.sends(round_)
+        out = [(t.shape[1:], t.dtype) for A, B in zip(st.A, st.B) for name, t in (("A", A), ("B", B)) if name in sends]
+        return out + [(h.shape[1:], h.dtype) for h in st.H.values()]
+
     def screen(self, W: np.ndarray, round_: int) -> RoundFaults:
         """Check every payload that crosses a link; receivers drop the senders whose payload fails."""
         faults = RoundFaults(absent=np.zeros(self.cfg.agents, dtype=bool))
         if self.algorithm.communication == "none":
             return faults
-        st = self.states
-        sends = self.algorithm.sends(round_)
-        expected = [(t.shape[1:], t.dtype) for A, B in zip(st.A, st.B) for name, t in (("A", A), ("B", B)) if name in sends]
-        expected += [(h.shape[1:], h.dtype) for h in st.H.values()]
+        expected = self.expected_payload(round_)
         off = W - np.diag(np.diag(W))
         for j in np.nonzero(off.any(axis=0))[0]:
             reason = check_parts(self.payload(int(j), round_), expected, self.cfg.faults.max_norm)
@@ -211,24 +215,41 @@ class Simulation:
 
     @torch.no_grad()
     def mix(self, round_: int, W: np.ndarray | None = None) -> dict:
+        """Screen every payload, drop the rejected senders from the rows, and mix all agents."""
         W = self.round_plan(round_)[0] if W is None else W
         faults = self.screen(W, round_)
-        W = torch.from_numpy(renormalize_without(W, faults.rejected))
+        tail = self.apply_mixing(round_, renormalize_without(W, faults.rejected), self.own)
+        return {"tsvd_tail": tail, "faults": faults}
+
+    @torch.no_grad()
+    def apply_mixing(self, round_: int, W: np.ndarray, own: list[int]) -> dict[int, float] | None:
+        """Mix the agents ``own`` with the rows ``W[own]`` (stacks must hold current factors of every input).
+
+        The algorithm sees only ``own`` plus the agents those rows weigh, with ``self_index`` telling where each
+        output agent's own factors sit: the same call for the simulator (all agents) and a distributed process.
+        Returns the TSVD tail per agent, summed over layers, for methods that truncate (DeCAF).
+        """
         st = self.states
-        tail = None  # summed over layers, for methods that truncate (DeCAF)
+        inputs = sorted(set(own) | {int(j) for i in own for j in np.nonzero(W[i])[0]})
+        pos = {a: k for k, a in enumerate(inputs)}
+        rows = torch.from_numpy(np.ascontiguousarray(W[np.ix_(own, inputs)]))
+        self_index = torch.tensor([pos[a] for a in own])
+        dev = st.A[0].device
+        own_t, in_t = torch.tensor(own, device=dev), torch.tensor(inputs, device=dev)
+        tail = None
         for l in range(len(st.layers)):
-            out = self.algorithm.mix(st.A[l], st.B[l], W.to(st.A[l].device), round_=round_)
-            st.A[l].copy_(out.A)
-            st.B[l].copy_(out.B)
+            out = self.algorithm.mix(st.A[l][in_t], st.B[l][in_t], rows.to(dev), round_=round_, self_index=self_index)
+            st.A[l][own_t] = out.A
+            st.B[l][own_t] = out.B
             if "tsvd_tail" in out.stats:
                 tail = out.stats["tsvd_tail"].float().cpu() + (0 if tail is None else tail)
         if self.algorithm.communication != "none":
-            for name, h in st.H.items():
-                h.copy_(torch.einsum("ij,j...->i...", W.to(h.dtype).to(h.device), h))
+            for h in st.H.values():
+                h[own_t] = torch.einsum("ij,j...->i...", rows.to(h.dtype).to(h.device), h[in_t])
         if self.cfg.optim.state_after_mix == "reset":
-            for opt in self.optimizers:
-                opt.state = defaultdict(dict)
-        return {"W": W, "tsvd_tail": tail, "faults": faults}
+            for a in own:
+                self.optimizers[a].state = defaultdict(dict)
+        return None if tail is None else dict(zip(own, tail.tolist()))
 
     def payload_bytes(self, round_: int) -> int:
         """Bytes one agent sends to one receiver this round: the factors the method sends plus the head."""
@@ -249,7 +270,6 @@ class Simulation:
             out.update(local_loss=local["loss"], local_accuracy=local["accuracy"])
         return out
 
-    # ---------------------------------------------------------------------------------------------- loop
     # ---------------------------------------------------------------------------------------------- hooks
     # The distributed engine overrides these four; everything else is shared, so both engines compute alike.
     @property
