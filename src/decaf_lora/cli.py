@@ -126,12 +126,14 @@ def run(args: tuple[str, ...], help_config: bool, quiet: bool, resume_dir: str |
     from .engine import Simulation, resume
     from .report import run_table
 
+    def show(run_dir: str) -> None:
+        click.echo(run_table(run_dir).split("\n\n![")[0])  # the tables, without the report's image links
+
     path, overrides = _split_config_args(args)
     if resume_dir is not None:
         if path is not None:
             raise DecafError(f"--resume takes its config from {resume_dir!r}; drop the config file {path!r} (overrides that restate it are fine).")
-        result = resume(resume_dir, overrides, progress=not quiet)
-        click.echo(run_table(result.run_dir).split("\n\n![")[0])
+        show(resume(resume_dir, overrides, progress=not quiet).run_dir)
         return
     cfg = load_config(path, overrides)
     if cfg.engine == "distributed":
@@ -140,13 +142,11 @@ def run(args: tuple[str, ...], help_config: bool, quiet: bool, resume_dir: str |
         sim = DistributedSimulation(cfg, progress=not quiet)
         result = sim.run()
         if sim.rank == 0:
-            click.echo(run_table(result.run_dir).split("\n\n![")[0])
+            show(result.run_dir)
         return
     sim = Simulation(cfg, progress=not quiet)
     click.echo(f"run directory: {sim.run_dir}", err=True)
-    result = sim.run()
-
-    click.echo(run_table(result.run_dir).split("\n\n![")[0])
+    show(sim.run().run_dir)
 
 
 @main.command(context_settings={"ignore_unknown_options": True})

@@ -46,7 +46,7 @@ def _dist():
 
 
 class DistributedSimulation(Simulation):
-    def __init__(self, cfg: RunConfig, task=None, progress: bool = True):
+    def __init__(self, cfg: RunConfig, task=None, progress: bool = True, run_dir: str | None = None):
         dist = _dist()
         if not dist.is_available():
             raise ConfigError(["engine=distributed needs a PyTorch build with torch.distributed."])
@@ -66,7 +66,7 @@ class DistributedSimulation(Simulation):
         self.owner = np.concatenate([np.full(len(b), r) for r, b in enumerate(self.blocks)])
         super().__init__(cfg, task=task, progress=progress and self.rank == 0, write=False)
         self.checkpoint_file = f"checkpoint.rank{self.rank}.safetensors"
-        self.run_dir, resuming = self._agree_on_run_dir()
+        self.run_dir, resuming = self._agree_on_run_dir(run_dir)
         if resuming:
             self._resume()
         elif self.rank == 0:
@@ -84,15 +84,18 @@ class DistributedSimulation(Simulation):
         dist.broadcast(data, 0)
         return bytes(data.tolist()).decode("utf-8")
 
-    def _agree_on_run_dir(self) -> tuple[str, bool]:
-        """Process 0 picks the directory: named after torchrun's run id, so an elastic restart finds it again."""
+    def _agree_on_run_dir(self, given: str | None) -> tuple[str, bool]:
+        """Process 0 picks the directory: the one given (``decaf run --resume``), or one named after torchrun's
+        run id, so an elastic restart finds it again."""
         cfg = self.cfg
         text = ""
         if self.rank == 0:
             run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
             restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
             prefix = os.path.join(cfg.out_dir, f"{cfg.name}-{self.algorithm.name}-s{cfg.seed}-")
-            if run_id and run_id != "none":
+            if given:
+                path, exists = given, True
+            elif run_id and run_id != "none":
                 path = prefix + run_id
                 exists = os.path.isdir(path)
                 os.makedirs(path, exist_ok=True)

@@ -434,6 +434,10 @@ def resume(run_dir: str, overrides: list[str] | tuple[str, ...] = (), task=None,
         from ..rundir import read_metrics
 
         return RunResult(run_dir, read_json(os.path.join(run_dir, "summary.json")), read_metrics(run_dir))
+    if wanted.engine == "distributed":
+        from .distributed import DistributedSimulation
+
+        return DistributedSimulation(wanted, task=task, progress=progress, run_dir=run_dir).run()
     return Simulation(wanted, task=task, run_dir=run_dir, progress=progress, resume=True).run()
 
 
