@@ -20,3 +20,22 @@ def test_bench_tsvd_runs_and_writes_every_ratio(tmp_path, capsys):
     assert len(data["batching"]) == 3
     assert "target > 1000x" in capsys.readouterr().out
     assert not list(tmp_path.glob("*.tmp"))  # written atomically, no leftovers
+
+
+def test_bench_aggregation_runs_on_a_tiny_grid(tmp_path, capsys):
+    import bench_aggregation
+
+    out = tmp_path / "agg.json"
+    data = bench_aggregation.main(["--layers", "2", "--d", "64", "--ranks", "8", "--ms", "3", "--reps", "1", "--device", "cpu", "--json", str(out)])
+    (row,) = data["rows"]
+    assert {"factored_over_floor", "factored_over_average", "dense_over_factored", "share_of_training_step"} <= set(row)
+    assert json.loads(out.read_text())["layers"] == 2
+    assert "share of step" in capsys.readouterr().out
+
+
+def test_aggregation_flop_count_is_dominated_by_the_two_qrs():
+    import bench_aggregation
+
+    f = bench_aggregation.aggregation_flops(1, 4096, 4096, 3, 8)
+    qr_only = 2 * (2 * 4096 * 24**2 - 2 * 24**3 / 3)
+    assert qr_only < f < 1.5 * qr_only
