@@ -177,7 +177,7 @@ class DistributedSimulation(Simulation):
         expected = self.expected_payload(round_)
         plan_send = sorted({(int(j), int(self.owner[i])) for j in own for i in np.nonzero(off[:, j])[0] if self.owner[i] != self.rank})
         plan_recv = sorted({(int(j), int(self.owner[j])) for i in own for j in np.nonzero(off[i])[0] if self.owner[j] != self.rank})
-        payloads = {j: self._flat_payload(j, round_) for j in {j for j, _ in plan_send}}
+        payloads = {j: self._flat_payload(j, round_) for j in own}  # built once, for the wire and for local peers
         # phase 1: headers (the sizes of each tensor), so a payload of a wrong shape cannot desynchronize the stream
         ops, headers = [], {}
         for j, q in plan_send:
@@ -199,7 +199,7 @@ class DistributedSimulation(Simulation):
         for req in dist.batch_isend_irecv(ops) if ops else []:
             req.wait()
         for j in own:  # logical bytes: the real payload tensor, once per neighbour agent served
-            flat = payloads[j][0] if j in payloads else self._flat_payload(j, round_)[0]
+            flat = payloads[j][0]
             sent[j] = flat.numel() * flat.element_size() * int(np.count_nonzero(off[:, j]))
         for j, q in plan_recv:
             reason, parts = _unpack(data[j], headers[j], expected, self.cfg.faults.max_norm)
@@ -216,7 +216,7 @@ class DistributedSimulation(Simulation):
             local_receivers = [int(i) for i in np.nonzero(off[:, j])[0] if int(i) in own]
             if not local_receivers:
                 continue
-            flat, counts = self._flat_payload(j, round_)
+            flat, counts = payloads[j]
             reason, _ = _unpack(flat, torch.tensor([len(counts), *counts]), expected, self.cfg.faults.max_norm)
             for i in local_receivers:
                 received[i] += flat.numel() * flat.element_size()
@@ -271,11 +271,7 @@ class DistributedSimulation(Simulation):
                         stack[a].copy_((both[0] - both[1] + w[a] * stack[a]) / (1 - (w_bad - float(weights[a]))))
                     else:
                         stack[a].copy_((both[0] - both[1]) / (1 - w_bad))
-        if self.cfg.optim.state_after_mix == "reset":
-            from collections import defaultdict
-
-            for a in own:
-                self.optimizers[a].state = defaultdict(dict)
+        self.after_mix(own)
         full = self.payload_bytes(round_)
         sent = {a: (sum(t.numel() * t.element_size() for t in self.payload(a, round_)) if present[a] else 0) for a in own}
         return {"tsvd_tail": None, "faults": faults, "bytes": sent, "bytes_received": {a: full if present[a] else 0 for a in own}}

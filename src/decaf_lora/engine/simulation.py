@@ -246,10 +246,14 @@ class Simulation:
         if self.algorithm.communication != "none":
             for h in st.H.values():
                 h[own_t] = torch.einsum("ij,j...->i...", rows.to(h.dtype).to(h.device), h[in_t])
+        self.after_mix(own)
+        return None if tail is None else dict(zip(own, tail.tolist()))
+
+    def after_mix(self, own: list[int]) -> None:
+        """Apply ``optim.state_after_mix``: AdamW moments refer to the old factor basis, so 'reset' drops them."""
         if self.cfg.optim.state_after_mix == "reset":
             for a in own:
                 self.optimizers[a].state = defaultdict(dict)
-        return None if tail is None else dict(zip(own, tail.tolist()))
 
     def payload_bytes(self, round_: int) -> int:
         """Bytes one agent sends to one receiver this round: the factors the method sends plus the head."""
