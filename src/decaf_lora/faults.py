@@ -120,6 +120,5 @@ def renormalize_without(w: np.ndarray, rejected: dict[int, list[int]]) -> np.nda
 class RoundFaults:
     """What went wrong in one round, as logged in the metrics."""
 
-    absent: np.ndarray
     rejected: dict[int, list[int]] = field(default_factory=dict)  # receiver -> senders rejected
     reasons: dict[int, str] = field(default_factory=dict)  # sender -> why its payload was rejected

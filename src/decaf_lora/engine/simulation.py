@@ -200,7 +200,7 @@ class Simulation:
 
     def screen(self, W: np.ndarray, round_: int) -> RoundFaults:
         """Check every payload that crosses a link; receivers drop the senders whose payload fails."""
-        faults = RoundFaults(absent=np.zeros(self.cfg.agents, dtype=bool))
+        faults = RoundFaults()
         if self.algorithm.communication == "none":
             return faults
         expected = self.expected_payload(round_)
@@ -255,6 +255,10 @@ class Simulation:
             for a in own:
                 self.optimizers[a].state = defaultdict(dict)
 
+    def sent_bytes(self, agent: int, round_: int) -> int:
+        """Bytes of the tensors ``agent`` actually sends to one receiver (a poisoned payload may differ in size)."""
+        return sum(t.numel() * t.element_size() for t in self.payload(agent, round_))
+
     def payload_bytes(self, round_: int) -> int:
         """Bytes one agent sends to one receiver this round: the factors the method sends plus the head."""
         if self.algorithm.communication == "none":
@@ -293,7 +297,7 @@ class Simulation:
             out["bytes"] = out["bytes_received"] = {a: 0 for a in range(n)}
             return out
         # bytes of the tensors actually sent (a poisoned payload may be smaller), once per receiver
-        size = {a: sum(t.numel() * t.element_size() for t in self.payload(a, round_)) for a in range(n)}
+        size = {a: self.sent_bytes(a, round_) for a in range(n)}
         if self.algorithm.communication == "server":  # one upload and one download, unless absent (identity row)
             out["bytes"] = {a: size[a] if W[a, a] < 1 else 0 for a in range(n)}
             out["bytes_received"] = {a: self.payload_bytes(round_) if W[a, a] < 1 else 0 for a in range(n)}
