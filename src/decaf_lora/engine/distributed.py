@@ -54,7 +54,13 @@ class DistributedSimulation(Simulation):
             raise ConfigError(["engine=distributed must be launched by torchrun, e.g. `torchrun --nproc-per-node 2 -m decaf_lora run cfg.yaml engine=distributed`."])
         use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=cfg.faults.timeout))
+            timeout = datetime.timedelta(seconds=cfg.faults.timeout)
+            store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+            # torchrun's agent store outlives a restart; without a per-attempt prefix the new workers can read the
+            # dead attempt's addresses and fail to connect ("Connection refused").
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.PrefixStore(f"decaf-attempt-{attempt}", store),
+                                    rank=rank, world_size=world, timeout=timeout)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         if self.world > cfg.agents:
             raise ConfigError([f"engine=distributed runs {self.world} processes but agents={cfg.agents}; use at most one process per agent."])
@@ -160,9 +166,8 @@ class DistributedSimulation(Simulation):
         if comm == "server":
             return self._server_average(round_, W)
         own = self.own
-        n = self.cfg.agents
         off = W - np.diag(np.diag(W))
-        faults = RoundFaults(absent=np.zeros(n, dtype=bool))
+        faults = RoundFaults()
         sent_bytes = {a: 0 for a in own}
         recv_bytes = {a: 0 for a in own}
         if comm == "gossip":
@@ -238,7 +243,7 @@ class DistributedSimulation(Simulation):
         st = self.states
         present = np.array([W[a, a] < 1 for a in range(n)])
         weights = W[int(np.argmax(present))] * present if present.any() else np.zeros(n)
-        faults = RoundFaults(absent=~present)
+        faults = RoundFaults()
         expected = self.expected_payload(round_)
         local_bad = torch.zeros(n, dtype=torch.int64)
         for j in own:
@@ -273,7 +278,7 @@ class DistributedSimulation(Simulation):
                         stack[a].copy_((both[0] - both[1]) / (1 - w_bad))
         self.after_mix(own)
         full = self.payload_bytes(round_)
-        sent = {a: (sum(t.numel() * t.element_size() for t in self.payload(a, round_)) if present[a] else 0) for a in own}
+        sent = {a: (self.sent_bytes(a, round_) if present[a] else 0) for a in own}
         return {"tsvd_tail": None, "faults": faults, "bytes": sent, "bytes_received": {a: full if present[a] else 0 for a in own}}
 
     def consensus(self) -> dict[int, float]:
