@@ -95,7 +95,11 @@ class FaultsConfig:
     poison_agent: int = _f(-1, "for testing defences: this agent sends broken payloads (-1 = nobody)")
     poison: str = _f("nan", "what the poisoned agent sends: nan, shape (a wrong shape) or scale (huge values)")
     max_norm: float = _f(1e4, "reject a received factor whose Frobenius norm exceeds this (0 = no bound)")
-    timeout: float = _f(300.0, "engine=distributed: seconds to wait for a peer before the process fails (torchrun --max-restarts then resumes)")
+    timeout: float = _f(300.0, "engine=distributed: seconds a process waits for a neighbour's process at the exchange; a late one is left out of that round's mix (weights renormalized, logged as timed_out)")
+    collective_timeout: float = _f(1800.0, "engine=distributed: seconds before a process that never joins the round's collectives (metrics, checkpoint) fails the job; torchrun --max-restarts then resumes it")
+    slow_rank: int = _f(-1, "for testing timeouts (engine=distributed): this process sleeps slow_seconds before the exchange (-1 = none)")
+    slow_seconds: float = _f(0.0, "how long the slow process sleeps")
+    slow_rounds: list = _f([], "rounds (1-based, as in the metrics) in which it is slow; empty = every round")
 
 
 @dataclass
@@ -323,8 +327,17 @@ def validate_config(cfg: RunConfig) -> RunConfig:
     _choice(p, "task.kind", cfg.task.kind, {"text", "clip", "causal_lm"})
     _choice(p, "task.dtype", cfg.task.dtype, {"float32", "bfloat16", "float16"})
     _choice(p, "engine", cfg.engine, {"simulation", "distributed"})
-    if cfg.faults.timeout <= 0:
-        p.append(f"faults.timeout={cfg.faults.timeout} is invalid; use a positive number of seconds.")
+    for name, value in (("faults.timeout", cfg.faults.timeout), ("faults.collective_timeout", cfg.faults.collective_timeout)):
+        if not value > 0:
+            p.append(f"{name}={value} is invalid; use a positive number of seconds.")
+    if cfg.faults.slow_rank < -1:
+        p.append(f"faults.slow_rank={cfg.faults.slow_rank} is invalid; use -1 (none) or a process rank.")
+    elif cfg.faults.slow_rank >= 0 and cfg.engine != "distributed":
+        p.append(f"faults.slow_rank={cfg.faults.slow_rank} delays a torchrun process; use it with engine=distributed, or set it to -1.")
+    if not cfg.faults.slow_seconds >= 0:
+        p.append(f"faults.slow_seconds={cfg.faults.slow_seconds} is invalid; use 0 or more seconds.")
+    if not isinstance(cfg.faults.slow_rounds, list) or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in cfg.faults.slow_rounds):
+        p.append(f"faults.slow_rounds={cfg.faults.slow_rounds!r} is invalid; use a list of rounds counted from 1, e.g. [2, 3], or [] for every round.")
     if cfg.partition.scheme == "natural" and not cfg.partition.key:
         p.append("partition.scheme=natural needs partition.key, the column holding the natural key (e.g. user).")
     opts = cfg.algorithm_options

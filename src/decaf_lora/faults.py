@@ -122,3 +122,11 @@ class RoundFaults:
 
     rejected: dict[int, list[int]] = field(default_factory=dict)  # receiver -> senders rejected
     reasons: dict[int, str] = field(default_factory=dict)  # sender -> why its payload was rejected
+    timed_out: dict[int, list[int]] = field(default_factory=dict)  # receiver -> neighbours whose process was too late
+
+    def left_out(self) -> dict[int, list[int]]:
+        """Receiver -> every neighbour missing from its mix this round, rejected or late."""
+        out = {i: list(js) for i, js in self.rejected.items()}
+        for i, js in self.timed_out.items():
+            out[i] = sorted(set(out.get(i, [])) | set(js))
+        return out

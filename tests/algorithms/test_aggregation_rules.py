@@ -49,6 +49,19 @@ def test_decaf_tail_respects_proposition_1(gen):
         assert (out.stats["tsvd_tail"] <= bound).all()
 
 
+def test_decaf_reports_proposition_1_bound_with_c_measured_on_each_neighbourhood(gen):
+    for topology in ("ring", "bipartite", "star"):
+        A, B = layer(gen, 10, 40, 4, 30)
+        topo = Topology.build(topology, 10)
+        out = algorithms.get("decaf").mix(A, B, torch.from_numpy(topo.matrix))
+        for i in range(10):
+            nb = [i, *topo.neighbors(i)]
+            c = max(max(torch.linalg.matrix_norm(A[j], 2), torch.linalg.matrix_norm(B[j], 2)) for j in nb)
+            torch.testing.assert_close(out.stats["factor_norm_c"][i], c, atol=1e-10, rtol=1e-10)
+            torch.testing.assert_close(out.stats["tsvd_tail_bound"][i], math.sqrt((len(nb) - 1) * 4) * c**2, atol=1e-9, rtol=1e-10)
+        assert (out.stats["tsvd_tail"] <= out.stats["tsvd_tail_bound"]).all()
+
+
 def test_decaf_with_gauge_keeps_the_same_product(gen):
     A, B = layer(gen, 6, 20, 3, 15)
     W = torch.from_numpy(Topology.build("ring", 6).matrix)

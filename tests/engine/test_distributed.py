@@ -119,3 +119,43 @@ def test_distributed_without_torchrun_is_one_clear_error(tiny_bert_dir, tmp_path
                          env={k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE")}, capture_output=True, text=True, timeout=TIMEOUT)
     assert res.returncode == 2
     assert "engine=distributed must be launched by torchrun" in res.stderr and "Traceback" not in res.stderr
+
+
+def simulator_with_links_down(cfg, round_, links):
+    """A simulator that leaves the given (receiver, sender) links out of one round's mix, as a timed-out exchange does."""
+    from decaf_lora.engine import Simulation
+
+    class LinksDown(Simulation):
+        def screen(self, W, t):
+            faults = super().screen(W, t)
+            if t == round_:
+                for i, j in links:
+                    faults.rejected.setdefault(i, []).append(j)
+            return faults
+
+    return LinksDown(cfg, progress=False)
+
+
+def test_a_late_process_is_left_out_of_that_round_and_the_run_goes_on(tiny_bert_dir, tmp_path):
+    """Process 1 (agents 2, 3) reaches round 2's exchange 4 s late; the deadline is 1 s. Both sides mix without the
+    links that cross processes that round (renormalized), log them as timed_out, and the run finishes; the numbers
+    equal a simulation with exactly those links down in round 2."""
+    from decaf_lora.config import load_config
+
+    args = overrides(tiny_bert_dir, str(tmp_path), algorithm="decaf")
+    late = {"faults.slow_rank": 1, "faults.slow_seconds": 4, "faults.slow_rounds": "[2]", "faults.timeout": 1}
+    proc = torchrun([*args, *[f"{k}={v}" for k, v in late.items()]], tmp_path / "d", 2)
+    out, _ = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0, out[-3000:]
+    dist = metrics_in(tmp_path / "d")
+    cross = {0: [3], 1: [2], 2: [1], 3: [0]}  # ring of 4 over two processes: 0 1 | 2 3
+    assert [m["timed_out"] for m in dist if m["round"] == 2] == [cross[a] for a in range(4)]
+    assert all(m["timed_out"] == [] for m in dist if m["round"] != 2)
+    assert all(m["rejected"] == [] for m in dist)
+    assert [m["bytes_sent"] for m in dist if m["round"] == 2] == [m["bytes_sent"] // 2 for m in dist if m["round"] == 1]
+
+    cfg = load_config(None, [*args, f"out_dir={tmp_path / 'sim'}"])
+    sim = simulator_with_links_down(cfg, 1, [(i, j) for i, js in cross.items() for j in js]).run().metrics
+    for d, s in zip(dist, sim):
+        assert d["eval_accuracy"] == s["eval_accuracy"] and d["train_loss"] == pytest.approx(s["train_loss"], rel=1e-6, abs=1e-7)
+        assert d["timed_out"] == (s["rejected"] if d["round"] == 2 else [])

@@ -51,6 +51,8 @@ def test_every_algorithm_trains_and_logs_every_agent_every_round(tmp_path, algo)
     assert sorted({x["round"] for x in evaluated}) == [2, 4]
     assert all({"eval_loss", "local_accuracy"} <= set(x) for x in evaluated)
     assert (m[0]["tsvd_tail"] is not None) == (algo == "decaf")
+    if algo == "decaf":  # Proposition 1 holds in every layer of every agent, every round
+        assert all(0 <= r["tsvd_tail"] <= r["tsvd_tail_bound"] and r["tsvd_tail_ratio"] <= 1 for r in m)
 
 
 def test_run_directory_holds_everything_and_nothing_half_written(tmp_path):

@@ -28,6 +28,7 @@ import datetime
 import glob
 import json
 import os
+import time
 
 import numpy as np
 import torch
@@ -54,13 +55,16 @@ class DistributedSimulation(Simulation):
             raise ConfigError(["engine=distributed must be launched by torchrun, e.g. `torchrun --nproc-per-node 2 -m decaf_lora run cfg.yaml engine=distributed`."])
         use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
         if not dist.is_initialized():
-            timeout = datetime.timedelta(seconds=cfg.faults.timeout)
+            timeout = datetime.timedelta(seconds=cfg.faults.collective_timeout)
             store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
             # torchrun's agent store outlives a restart; without a per-attempt prefix the new workers can read the
             # dead attempt's addresses and fail to connect ("Connection refused").
             attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-            dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.PrefixStore(f"decaf-attempt-{attempt}", store),
-                                    rank=rank, world_size=world, timeout=timeout)
+            store = dist.PrefixStore(f"decaf-attempt-{attempt}", store)
+            dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=rank, world_size=world, timeout=timeout)
+        else:
+            store = dist.distributed_c10d._get_default_store()
+        self._store = dist.PrefixStore("exchange", store)  # small keys that settle who takes part in each exchange
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         if self.world > cfg.agents:
             raise ConfigError([f"engine=distributed runs {self.world} processes but agents={cfg.agents}; use at most one process per agent."])
@@ -157,6 +161,9 @@ class DistributedSimulation(Simulation):
                 h[agent].copy_(next(it))
 
     def exchange_and_mix(self, round_: int, W: np.ndarray) -> dict:
+        f = self.cfg.faults
+        if self.rank == f.slow_rank and (not f.slow_rounds or round_ + 1 in f.slow_rounds):
+            time.sleep(f.slow_seconds)  # a test fault: this process reaches the exchange late
         out = self._exchange_and_mix(round_, W)
         self._last_reasons = dict(out["faults"].reasons)
         return out
@@ -172,8 +179,8 @@ class DistributedSimulation(Simulation):
         recv_bytes = {a: 0 for a in own}
         if comm == "gossip":
             self._exchange(round_, off, faults, sent_bytes, recv_bytes)
-        tail = self.apply_mixing(round_, renormalize_without(W, faults.rejected), own)
-        return {"tsvd_tail": tail, "faults": faults, "bytes": sent_bytes, "bytes_received": recv_bytes}
+        diagnostics = self.apply_mixing(round_, renormalize_without(W, faults.left_out()), own)
+        return {"diagnostics": diagnostics, "faults": faults, "bytes": sent_bytes, "bytes_received": recv_bytes}
 
     def _exchange(self, round_: int, off: np.ndarray, faults: RoundFaults, sent: dict, received: dict) -> None:
         """Point-to-point: each own agent's payload to every process holding one of its neighbours this round."""
@@ -182,6 +189,14 @@ class DistributedSimulation(Simulation):
         expected = self.expected_payload(round_)
         plan_send = sorted({(int(j), int(self.owner[i])) for j in own for i in np.nonzero(off[:, j])[0] if self.owner[i] != self.rank})
         plan_recv = sorted({(int(j), int(self.owner[j])) for i in own for j in np.nonzero(off[i])[0] if self.owner[j] != self.rank})
+        late = self._late_peers(round_, {q for _, q in plan_send} | {q for _, q in plan_recv})
+        for j, q in plan_recv:
+            if q in late:  # the round goes on without it; its payload would arrive after we mixed
+                for i in np.nonzero(off[:, j])[0]:
+                    if int(i) in own:
+                        faults.timed_out.setdefault(int(i), []).append(j)
+        plan_send = [(j, q) for j, q in plan_send if q not in late]
+        plan_recv = [(j, q) for j, q in plan_recv if q not in late]
         payloads = {j: self._flat_payload(j, round_) for j in own}  # built once, for the wire and for local peers
         # phase 1: headers (the sizes of each tensor), so a payload of a wrong shape cannot desynchronize the stream
         ops, headers = [], {}
@@ -205,7 +220,8 @@ class DistributedSimulation(Simulation):
             req.wait()
         for j in own:  # logical bytes: the real payload tensor, once per neighbour agent served
             flat = payloads[j][0]
-            sent[j] = flat.numel() * flat.element_size() * int(np.count_nonzero(off[:, j]))
+            served = [i for i in np.nonzero(off[:, j])[0] if self.owner[i] not in late]
+            sent[j] = flat.numel() * flat.element_size() * len(served)
         for j, q in plan_recv:
             reason, parts = _unpack(data[j], headers[j], expected, self.cfg.faults.max_norm)
             receivers = [int(i) for i in np.nonzero(off[:, j])[0] if int(i) in own]
@@ -228,8 +244,40 @@ class DistributedSimulation(Simulation):
                 if reason:
                     faults.reasons[j] = reason
                     faults.rejected.setdefault(i, []).append(j)
-        for i in faults.rejected:
-            faults.rejected[i] = sorted(faults.rejected[i])
+        for d in (faults.rejected, faults.timed_out):
+            for i in d:
+                d[i] = sorted(d[i])
+
+    def _late_peers(self, round_: int, peers: set[int]) -> set[int]:
+        """The peer processes that did not reach this round's exchange within ``faults.timeout`` seconds.
+
+        Both ends of a link must agree, or one would send into a receive that was never posted. So each pair of
+        processes settles one store key atomically (``compare_set``): the first to arrive writes ``wait:RANK``; the
+        second turns it into ``go``; a process still waiting at its deadline turns its own ``wait`` into ``skip``.
+        Whoever arrives later reads the settled value, so both ends always see the same answer. A late process
+        then mixes without the peers that gave up on it, exactly as they mix without it.
+        """
+        store, me = self._store, f"wait:{self.rank}"
+        keys = {q: f"r{round_}/{min(self.rank, q)}-{max(self.rank, q)}" for q in peers}
+        state = {}
+        for q, key in keys.items():
+            value = store.compare_set(key, "", me).decode()
+            if value == f"wait:{q}":  # q is already here, waiting for us
+                value = store.compare_set(key, value, "go").decode()
+            state[q] = value
+        deadline = time.monotonic() + self.cfg.faults.timeout
+        pause = 0.001
+        while any(v == me for v in state.values()) and time.monotonic() < deadline:
+            time.sleep(pause)
+            pause = min(2 * pause, 0.05)
+            for q in [q for q, v in state.items() if v == me]:
+                state[q] = store.get(keys[q]).decode()
+        for q in [q for q, v in state.items() if v == me]:
+            state[q] = store.compare_set(keys[q], me, "skip").decode()
+        for q in peers:  # the keys of two rounds ago are settled and read by both ends: free them
+            if self.rank < q and round_ >= 2:
+                store.delete_key(f"r{round_ - 2}/{self.rank}-{q}")
+        return {q for q, v in state.items() if v != "go"}
 
     def _server_average(self, round_: int, W: np.ndarray) -> dict:
         """FedAvg as all-reduces: the weighted sum of every present agent's factors, minus the rejected ones.
@@ -279,7 +327,7 @@ class DistributedSimulation(Simulation):
         self.after_mix(own)
         full = self.payload_bytes(round_)
         sent = {a: (self.sent_bytes(a, round_) if present[a] else 0) for a in own}
-        return {"tsvd_tail": None, "faults": faults, "bytes": sent, "bytes_received": {a: full if present[a] else 0 for a in own}}
+        return {"diagnostics": {}, "faults": faults, "bytes": sent, "bytes_received": {a: full if present[a] else 0 for a in own}}
 
     def consensus(self) -> dict[int, float]:
         """Each own agent's ||s B_i A_i - mean_j s B_j A_j||_F summed over layers; the mean via an all-reduce."""

@@ -57,6 +57,30 @@ def lr_at(step: int, total: int, cfg) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
+DIAGNOSTICS = ("tsvd_tail", "tsvd_tail_bound", "tsvd_tail_ratio", "factor_norm_c")
+
+
+def accumulate_diagnostics(diag: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]) -> None:
+    """Fold one layer's mixing statistics into per-agent totals: tails and bounds add up, ratios and norms take the max."""
+    if "tsvd_tail" not in stats:
+        return
+    tail = stats["tsvd_tail"].double().cpu()
+    bound = stats.get("tsvd_tail_bound")
+    layer = {"tsvd_tail": tail}
+    if bound is not None:
+        bound = bound.double().cpu()
+        layer["tsvd_tail_bound"] = bound
+        layer["tsvd_tail_ratio"] = torch.where(bound > 0, tail / bound.clamp(min=1e-300), torch.zeros_like(tail))
+        layer["factor_norm_c"] = stats["factor_norm_c"].double().cpu()
+    for k, v in layer.items():
+        if k not in diag:
+            diag[k] = v
+        elif k in ("tsvd_tail", "tsvd_tail_bound"):
+            diag[k] = diag[k] + v
+        else:
+            diag[k] = torch.maximum(diag[k], v)
+
+
 class Simulation:
     """Build everything from a config (and optionally a ready task), then :meth:`run`."""
 
@@ -218,16 +242,17 @@ class Simulation:
         """Screen every payload, drop the rejected senders from the rows, and mix all agents."""
         W = self.round_plan(round_)[0] if W is None else W
         faults = self.screen(W, round_)
-        tail = self.apply_mixing(round_, renormalize_without(W, faults.rejected), self.own)
-        return {"tsvd_tail": tail, "faults": faults}
+        diagnostics = self.apply_mixing(round_, renormalize_without(W, faults.rejected), self.own)
+        return {"diagnostics": diagnostics, "faults": faults}
 
     @torch.no_grad()
-    def apply_mixing(self, round_: int, W: np.ndarray, own: list[int]) -> dict[int, float] | None:
+    def apply_mixing(self, round_: int, W: np.ndarray, own: list[int]) -> dict[str, dict[int, float]]:
         """Mix the agents ``own`` with the rows ``W[own]`` (stacks must hold current factors of every input).
 
         The algorithm sees only ``own`` plus the agents those rows weigh, with ``self_index`` telling where each
         output agent's own factors sit: the same call for the simulator (all agents) and a distributed process.
-        Returns the TSVD tail per agent, summed over layers, for methods that truncate (DeCAF).
+        Returns the per-agent diagnostics of methods that truncate (DeCAF): the TSVD tail and its Proposition 1
+        bound summed over layers, and the largest per-layer tail / bound ratio and factor norm ``c``.
         """
         st = self.states
         inputs = sorted(set(own) | {int(j) for i in own for j in np.nonzero(W[i])[0]})
@@ -236,18 +261,17 @@ class Simulation:
         self_index = torch.tensor([pos[a] for a in own])
         dev = st.A[0].device
         own_t, in_t = torch.tensor(own, device=dev), torch.tensor(inputs, device=dev)
-        tail = None
+        diag: dict[str, torch.Tensor] = {}
         for l in range(len(st.layers)):
             out = self.algorithm.mix(st.A[l][in_t], st.B[l][in_t], rows.to(dev), round_=round_, self_index=self_index)
             st.A[l][own_t] = out.A
             st.B[l][own_t] = out.B
-            if "tsvd_tail" in out.stats:
-                tail = out.stats["tsvd_tail"].float().cpu() + (0 if tail is None else tail)
+            accumulate_diagnostics(diag, out.stats)
         if self.algorithm.communication != "none":
             for h in st.H.values():
                 h[own_t] = torch.einsum("ij,j...->i...", rows.to(h.dtype).to(h.device), h[in_t])
         self.after_mix(own)
-        return None if tail is None else dict(zip(own, tail.tolist()))
+        return {k: dict(zip(own, v.tolist())) for k, v in diag.items()}
 
     def after_mix(self, own: list[int]) -> None:
         """Apply ``optim.state_after_mix``: AdamW moments refer to the old factor basis, so 'reset' drops them."""
@@ -359,10 +383,12 @@ class Simulation:
                     "lr": lr_at((t + 1) * cfg.local_steps - 1, self.total_steps, cfg.optim),
                     **evals[a],
                     "consensus_distance": float(consensus[a]),
-                    "tsvd_tail": None if mixed["tsvd_tail"] is None else float(mixed["tsvd_tail"][a]),
+                    **dict.fromkeys(DIAGNOSTICS),
+                    **{k: v.get(a) for k, v in mixed["diagnostics"].items()},
                     "neighbors": int(np.count_nonzero(W[a]) - (W[a, a] != 0)),
                     "absent": bool(absent[a]),
                     "rejected": faults.rejected.get(a, []),
+                    "timed_out": faults.timed_out.get(a, []),
                     "payload_rejected": faults.reasons.get(a),
                     "bytes_sent": int(mixed["bytes"][a]),
                     "bytes_received": int(mixed["bytes_received"][a]),
