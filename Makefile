@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench reproduce clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,13 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_tsvd.py
 	$(BIN)/python benchmarks/bench_aggregation.py
 	$(BIN)/python benchmarks/bench_engine.py
+
+# The reproduction study (docs/reproduction.md): about 1.5 h on 2 cores; re-running skips finished runs.
+REPRO_WORKERS ?= 2
+reproduce: $(BIN)/.installed
+	$(BIN)/python reproduce/study.py --workers $(REPRO_WORKERS)
+	$(BIN)/python reproduce/synthetic.py
+	$(BIN)/python reproduce/report.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -2,8 +2,9 @@
 
 Every run is one ``decaf run`` of the library (the same Simulation users get) on the real pretrained MiniLM and the
 real tweets, scaled down to fit a 2-core machine (see ``BUDGET``). A run is named by a key that spells its
-settings; its directory holds the usual run files. The runner skips finished runs and resumes half-finished ones
-from their last checkpoint, so an interrupted ``make reproduce`` loses at most the rounds in progress.
+settings; its directory holds the usual run files. The runner reads finished runs back from their directories and
+resumes half-finished ones from their last checkpoint, so an interrupted ``make reproduce`` loses at most the
+rounds in progress; on a fresh clone (no ``reproduce/runs/``) it recomputes everything.
 
 Run: ``python reproduce/study.py [--workers 2] [--only KEY_PREFIX] [--list]``.
 """
@@ -162,13 +163,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from tqdm import tqdm
 
-    records = {}
+    records = {}  # the committed records of runs not redone now (e.g. with --only) stay in the file
     if os.path.exists(RESULTS):
         with open(RESULTS) as f:
             records = {rec["key"]: rec for rec in (json.loads(line) for line in f if line.strip())}
-    todo = [r for r in runs if r.key not in records]
-    with ProcessPoolExecutor(max_workers=args.workers) as pool, tqdm(total=len(runs), initial=len(runs) - len(todo), desc="study runs", unit="run") as bar:
-        futures = {pool.submit(run_one, r, args.runs_dir): r for r in todo}
+    # a run whose directory holds a summary is only read back; everything else is (re)computed
+    with ProcessPoolExecutor(max_workers=args.workers) as pool, tqdm(total=len(runs), desc="study runs", unit="run") as bar:
+        futures = {pool.submit(run_one, r, args.runs_dir): r for r in runs}
         for fut in as_completed(futures):
             rec = fut.result()
             records[rec["key"]] = rec
