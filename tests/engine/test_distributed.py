@@ -159,3 +159,26 @@ def test_a_late_process_is_left_out_of_that_round_and_the_run_goes_on(tiny_bert_
     for d, s in zip(dist, sim):
         assert d["eval_accuracy"] == s["eval_accuracy"] and d["train_loss"] == pytest.approx(s["train_loss"], rel=1e-6, abs=1e-7)
         assert d["timed_out"] == (s["rejected"] if d["round"] == 2 else [])
+
+
+def test_two_torchrun_nodes_with_c10d_rendezvous_equal_the_simulator(tiny_bert_dir, tmp_path):
+    """The documented multi-machine launch (--nnodes, c10d rendezvous), as two torchrun agents on loopback."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = overrides(tiny_bert_dir, str(tmp_path), algorithm="decaf")
+    rdzv = ("--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=twonodes")
+    nodes = []
+    for _ in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", *rdzv, "--nproc-per-node=1", "-m", "decaf_lora", "run", "-q", *args,
+               "engine=distributed", f"out_dir={tmp_path / 'd'}"]
+        nodes.append(subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        outs = [p.communicate(timeout=TIMEOUT)[0] for p in nodes]
+    finally:
+        for p in nodes:
+            p.kill()
+    assert all(p.returncode == 0 for p in nodes), "\n".join(o[-2000:] for o in outs)
+    assert_same_metrics(metrics_in(tmp_path / "d"), simulate(args, tmp_path / "sim"))
