@@ -131,21 +131,32 @@ def fig_tail(cells) -> str:
     return save(fig, "tsvd_tail.png")
 
 
-def fig_rank(sweep: list[dict]) -> str:
+KEYS_C5 = ("shadow_dlora_gap_relative", "shadow_dlora_gap", "shadow_dlora_interference", "shadow_decaf_truncation")
+
+
+def sweep_means(sweep: dict[str, list[dict]]) -> dict[str, dict[str, list[float]]]:
+    """trajectory -> diagnostic -> per-rank mean over rounds 2.. (round 1: every agent still has the common A)."""
+    return {traj: {k: [float(np.mean([p["mean"] for p in r["per_round"][k][1:]])) for r in rs] for k in KEYS_C5} for traj, rs in sweep.items()}
+
+
+def fig_rank(sweep: dict[str, list[dict]]) -> str:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    ranks = [r["rank"] for r in sweep]
-    for key, ax, label in (("shadow_dlora_gap_relative", axes[0], "||BA_decaf - BA_dlora|| / ||BA_decaf||"),
-                           ("shadow_dlora_gap", axes[1], "||s (BA_decaf - BA_dlora)||_F")):
-        for t in range(SWEEP_ROUNDS):
-            ax.plot(ranks, [r["per_round"][key][t]["mean"] for r in sweep], marker="o", ms=3, label=f"round {t + 1}")
+    means = sweep_means(sweep)
+    for traj, rs in sweep.items():
+        ranks = [r["rank"] for r in rs]
+        axes[0].plot(ranks, means[traj]["shadow_dlora_gap_relative"], marker="o", label=f"on {traj}'s trajectory")
+        axes[1].plot(ranks, means[traj]["shadow_dlora_interference"], marker="o", label=f"DLoRA cross terms ({traj} traj.)")
+        axes[1].plot(ranks, means[traj]["shadow_decaf_truncation"], marker="s", ls="--", label=f"DeCAF TSVD tail ({traj} traj.)")
+    axes[0].set_ylabel("||BA_decaf - BA_dlora|| / ||BA_decaf||")
+    axes[1].set_ylabel("distance to the exact mixed product")
+    for ax in axes:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("LoRA rank r")
-        ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    legend(axes[0], fontsize=7)
-    fig.suptitle("DeCAF vs DLoRA consensus on the same factors (ring, Dirichlet 0.1)")
+        legend(ax, fontsize=7)
+    fig.suptitle(f"DeCAF vs DLoRA consensus on the same factors (ring, Dirichlet 0.1, mean over rounds 2-{SWEEP_ROUNDS})")
     return save(fig, "rank_gap.png")
 
 
@@ -259,33 +270,36 @@ def c4_section(runs) -> tuple[str, dict]:
     return text, out
 
 
-def c5_section(sweep) -> tuple[str, dict]:
-    if len(sweep) < 2:
-        return "The rank sweep has not finished.", {}
-    ranks = np.array([r["rank"] for r in sweep], dtype=float)
-    lines = ["| rank r | relative gap, mean over rounds 2-%d | absolute gap, mean over rounds 2-%d | DLoRA interference | DeCAF truncation |" % (SWEEP_ROUNDS, SWEEP_ROUNDS),
-             "|---|---|---|---|---|"]
-    rel, ab = [], []
-    for r in sweep:
-        pr = r["per_round"]
-        m = {k: float(np.mean([p["mean"] for p in pr[k][1:]])) for k in ("shadow_dlora_gap_relative", "shadow_dlora_gap", "shadow_dlora_interference", "shadow_decaf_truncation")}
-        rel.append(m["shadow_dlora_gap_relative"])
-        ab.append(m["shadow_dlora_gap"])
-        lines.append(f"| {r['rank']} | {m['shadow_dlora_gap_relative']:.4f} | {m['shadow_dlora_gap']:.4f} | {m['shadow_dlora_interference']:.4f} | {m['shadow_decaf_truncation']:.4f} |")
-    s_rel = float(np.polyfit(np.log(ranks), np.log(rel), 1)[0])
-    s_abs = float(np.polyfit(np.log(ranks), np.log(ab), 1)[0])
-    shrinks = all(b <= a for a, b in zip(rel, rel[1:]))
-    text = "\n".join(lines) + (f"\n\nLog-log slope against r: relative gap **{s_rel:+.2f}**, absolute gap **{s_abs:+.2f}** "
-                               f"(theory: -0.5 for the gap at fixed c). The relative gap "
-                               f"{'shrinks monotonically' if shrinks else 'does not shrink monotonically'} as r grows.")
-    return text, {"slope_relative": s_rel, "slope_absolute": s_abs, "monotone": shrinks}
+def c5_section(sweep: dict[str, list[dict]]) -> str:
+    if not sweep or any(len(rs) < 2 for rs in sweep.values()):
+        return "The rank sweep has not finished."
+    means = sweep_means(sweep)
+    trajs = list(sweep)
+    lines = ["| rank r | " + " | ".join(f"{t} trajectory: relative gap / DLoRA cross terms / DeCAF tail" for t in trajs) + " |",
+             "|---|" + "---|" * len(trajs)]
+    ranks = [r["rank"] for r in sweep[trajs[0]]]
+    for k, rank in enumerate(ranks):
+        cells = [" / ".join(f"{means[t][key][k]:.4f}" for key in ("shadow_dlora_gap_relative", "shadow_dlora_interference", "shadow_decaf_truncation")) for t in trajs]
+        lines.append(f"| {rank} | " + " | ".join(cells) + " |")
+    text = ["\n".join(lines), ""]
+    for t in trajs:
+        rel = means[t]["shadow_dlora_gap_relative"]
+        rk = [r["rank"] for r in sweep[t]]
+        slope = float(np.polyfit(np.log(rk), np.log(rel), 1)[0])
+        slope_abs = float(np.polyfit(np.log(rk), np.log(means[t]["shadow_dlora_gap"]), 1)[0])
+        steps = np.diff(rel)
+        trend = "shrinks as r grows" if (steps <= 0).all() else "grows with r" if (steps >= 0).all() else "is not monotone in r"
+        text.append(f"- On {t}'s trajectory the relative gap {trend}: "
+                    f"log-log slope **{slope:+.2f}** (absolute gap {slope_abs:+.2f}; theory about -0.5 at fixed c).")
+    return "\n".join(text)
 
 
 def write(runs, syn) -> str:
     cells = grid_cells(runs)
     figs = {"acc": fig_accuracy(cells), "cons": fig_consensus(cells), "tail": fig_tail(cells)}
-    sweep = sorted((r for r in runs if r["group"] == "sweep"), key=lambda r: r["rank"])
-    if len(sweep) >= 2:
+    sweep = {t: sorted((r for r in runs if r["group"] == "sweep" and r.get("algorithm", "decaf") == t), key=lambda r: r["rank"]) for t in ("decaf", "dlora")}
+    sweep = {t: rs for t, rs in sweep.items() if rs}
+    if sweep and all(len(rs) >= 2 for rs in sweep.values()):
         figs["rank"] = fig_rank(sweep)
     if syn:
         figs["syn"] = fig_synthetic(syn)
@@ -298,7 +312,7 @@ def write(runs, syn) -> str:
     t_fedavg, rows_fedavg = gap_table(cells, "fedavg")
     t_ab, _ = ablation_table(runs, cells)
     c4, _ = c4_section(runs)
-    c5, _ = c5_section(sweep)
+    c5 = c5_section(sweep)
     noniid_ring = [("round-robin", "ring"), ("dirichlet-0.1", "ring")]
     c3_abs = [abs(r[2]) for r in rows_fedavg if r[5]]
     parts = [
@@ -321,7 +335,7 @@ def write(runs, syn) -> str:
         f"algorithms {', '.join(ALGOS)}; seeds {', '.join(map(str, SEEDS))} (each seed sets both the data split and the "
         "training seed). Local and FedAvg do not use the graph, so they run once per partition and seed and appear under every topology.",
         f"- Runs finished: {len(grid)} of {planned_grid} in the grid, {sum(r['group'] == 'ablation' for r in runs)} ablation runs, "
-        f"{len(sweep)} rank-sweep runs; {hours:.2f} core-hours in all (two runs at a time, one core each). "
+        f"{sum(map(len, sweep.values()))} rank-sweep runs; {hours:.2f} core-hours in all (two runs at a time, one core each). "
         f"Majority-class rate of the test set: {majority:.3f}.",
         "",
         "## Accuracy",
@@ -367,9 +381,10 @@ def write(runs, syn) -> str:
         "### C5: DeCAF's and DLoRA's consensus get closer as the rank grows",
         "",
         f"On ring + Dirichlet 0.1, seed 0, ranks {', '.join(map(str, SWEEP_RANKS))} with the LoRA scale alpha / r held at 2, "
-        f"{SWEEP_ROUNDS} rounds. At every mixing step DeCAF's new product is compared with what DLoRA's factor average would give "
-        "on the very same factors (`reproduce/shadow.py`), so training trajectories do not enter the difference. Round 1 is "
-        "left out of the means: all agents still share A there, and both rules agree up to rounding.",
+        f"{SWEEP_ROUNDS} rounds. At every mixing step both rules are applied to the very same factors (`reproduce/shadow.py`), so "
+        "the difference is the aggregation's alone; this is done along a DeCAF run and along a DLoRA run. Also shown: each "
+        "rule's distance to the exact mixed product (DLoRA's cross terms, DeCAF's TSVD tail). Means over rounds 2 onwards: "
+        "in round 1 all agents still share A, and both rules agree up to rounding.",
         "",
         c5,
         "",

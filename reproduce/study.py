@@ -82,10 +82,12 @@ def planned_runs() -> list[Run]:
             runs.append(Run(f"ablation/{label}/s{seed}", [*BUDGET, *PARTITIONS["dirichlet-0.1"], *seed_o, "topology.name=ring", f"algorithm={algo}", *extra], "ablation",
                             {"label": label, "algorithm": algo, "seed": seed}))
         if seed == 0:
-            for r in SWEEP_RANKS:
-                runs.append(Run(f"sweep/rank{r}/s{seed}", [*BUDGET, *PARTITIONS["dirichlet-0.1"], *seed_o, "topology.name=ring", "algorithm=decaf",
-                                                           f"lora.rank={r}", f"lora.alpha={2 * r}", f"rounds={SWEEP_ROUNDS}", f"eval_every={SWEEP_ROUNDS}"], "sweep",
-                                {"rank": r, "seed": seed}))
+            for algo in ("decaf", "dlora"):  # the trajectory along which both consensus rules are compared
+                for r in SWEEP_RANKS:
+                    runs.append(Run(f"sweep/rank{r}/s{seed}" if algo == "decaf" else f"sweep/rank{r}/dlora/s{seed}",
+                                    [*BUDGET, *PARTITIONS["dirichlet-0.1"], *seed_o, "topology.name=ring", f"algorithm={algo}",
+                                     f"lora.rank={r}", f"lora.alpha={2 * r}", f"rounds={SWEEP_ROUNDS}", f"eval_every={SWEEP_ROUNDS}"], "sweep",
+                                    {"rank": r, "seed": seed, "algorithm": algo}))
     return runs
 
 
@@ -99,11 +101,11 @@ def run_one(run: Run, runs_dir: str) -> dict:
     from decaf_lora.config import load_config
     from decaf_lora.engine.checkpoint import FILE as CHECKPOINT_FILE
 
-    from shadow import ShadowDLoRASimulation
+    from shadow import ShadowConsensusSimulation
 
     run_dir = os.path.join(runs_dir, *run.key.split("/"))
     cfg = load_config(None, [*run.overrides, f"name={run.key.replace('/', '-')}", f"out_dir={runs_dir}"])
-    cls = ShadowDLoRASimulation
+    cls = ShadowConsensusSimulation
     if not os.path.exists(os.path.join(run_dir, "summary.json")):
         resumable = os.path.exists(os.path.join(run_dir, CHECKPOINT_FILE))
         if not resumable and os.path.isdir(run_dir):
