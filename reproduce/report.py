@@ -19,7 +19,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from study import BUDGET, GOSSIP, PARTITIONS, SEEDS, SWEEP_RANKS, SWEEP_ROUNDS, TOPOLOGIES  # noqa: E402
+from study import (ABLATION_PARTITIONS, BUDGET, GOSSIP, PARTITIONS, SEEDS, SWEEP_FIXED_ALPHA, SWEEP_RANKS, SWEEP_ROUNDS,  # noqa: E402
+                   SWEEP_SCALINGS, TOPOLOGIES)
 
 from decaf_lora.report import _plt, _save  # noqa: E402
 from decaf_lora.rundir import write_text  # noqa: E402
@@ -131,6 +132,7 @@ def fig_tail(cells) -> str:
     return save(fig, "tsvd_tail.png")
 
 
+SCALING_TEXT = {"scale-fixed": "LoRA scale alpha / r held at 2", "alpha-fixed": f"LoRA alpha held at {SWEEP_FIXED_ALPHA}, scale 8 / r"}
 KEYS_C5 = ("shadow_dlora_gap_relative", "shadow_dlora_gap", "shadow_dlora_interference", "shadow_decaf_truncation")
 
 
@@ -139,7 +141,7 @@ def sweep_means(sweep: dict[str, list[dict]]) -> dict[str, dict[str, list[float]
     return {traj: {k: [float(np.mean([p["mean"] for p in r["per_round"][k][1:]])) for r in rs] for k in KEYS_C5} for traj, rs in sweep.items()}
 
 
-def fig_rank(sweep: dict[str, list[dict]]) -> str:
+def fig_rank(sweep: dict[str, list[dict]], scaling: str) -> str:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     means = sweep_means(sweep)
@@ -156,8 +158,8 @@ def fig_rank(sweep: dict[str, list[dict]]) -> str:
         ax.set_xlabel("LoRA rank r")
         ax.grid(alpha=0.3)
         legend(ax, fontsize=7)
-    fig.suptitle(f"DeCAF vs DLoRA consensus on the same factors (ring, Dirichlet 0.1, mean over rounds 2-{SWEEP_ROUNDS})")
-    return save(fig, "rank_gap.png")
+    fig.suptitle(f"DeCAF vs DLoRA consensus on the same factors ({SCALING_TEXT[scaling]}; mean over rounds 2-{SWEEP_ROUNDS})")
+    return save(fig, f"rank_gap_{scaling}.png")
 
 
 def fig_synthetic(syn: dict) -> str:
@@ -221,11 +223,11 @@ def verdict_better(rows, other: str, focus: list[tuple[str, str]] | None = None)
     return text + "."
 
 
-def ablation_table(runs, cells) -> tuple[str, dict]:
-    base = {"decaf": acc_stats(cells[("ring", "dirichlet-0.1", "decaf")]), "dlora": acc_stats(cells[("ring", "dirichlet-0.1", "dlora")])}
+def ablation_table(runs, cells, part: str) -> tuple[str, dict]:
+    base = {"decaf": acc_stats(cells[("ring", part, "decaf")]), "dlora": acc_stats(cells[("ring", part, "dlora")])}
     ab = defaultdict(list)
     for r in runs:
-        if r["group"] == "ablation":
+        if r["group"] == "ablation" and r.get("partition", "dirichlet-0.1") == part:
             ab[r["label"]].append(r)
     stats = {label: acc_stats(rs) for label, rs in ab.items()}
     rows = [
@@ -297,10 +299,13 @@ def c5_section(sweep: dict[str, list[dict]]) -> str:
 def write(runs, syn) -> str:
     cells = grid_cells(runs)
     figs = {"acc": fig_accuracy(cells), "cons": fig_consensus(cells), "tail": fig_tail(cells)}
-    sweep = {t: sorted((r for r in runs if r["group"] == "sweep" and r.get("algorithm", "decaf") == t), key=lambda r: r["rank"]) for t in ("decaf", "dlora")}
-    sweep = {t: rs for t, rs in sweep.items() if rs}
-    if sweep and all(len(rs) >= 2 for rs in sweep.values()):
-        figs["rank"] = fig_rank(sweep)
+    sweeps = {}
+    for scaling in SWEEP_SCALINGS:
+        sw = {t: sorted((r for r in runs if r["group"] == "sweep" and r.get("algorithm", "decaf") == t and r.get("scaling", "scale-fixed") == scaling),
+                        key=lambda r: r["rank"]) for t in ("decaf", "dlora")}
+        sweeps[scaling] = {t: rs for t, rs in sw.items() if rs}
+        if sweeps[scaling] and all(len(rs) >= 2 for rs in sweeps[scaling].values()):
+            figs[f"rank-{scaling}"] = fig_rank(sweeps[scaling], scaling)
     if syn:
         figs["syn"] = fig_synthetic(syn)
     grid = [r for r in runs if r["group"] == "grid"]
@@ -310,9 +315,13 @@ def write(runs, syn) -> str:
     t_dlora, rows_dlora = gap_table(cells, "dlora")
     t_local, rows_local = gap_table(cells, "local")
     t_fedavg, rows_fedavg = gap_table(cells, "fedavg")
-    t_ab, _ = ablation_table(runs, cells)
+    t_ab = {part: ablation_table(runs, cells, part)[0] for part in ABLATION_PARTITIONS}
     c4, _ = c4_section(runs)
-    c5 = c5_section(sweep)
+    c5 = []
+    for scaling in SWEEP_SCALINGS:
+        c5 += [f"**{SCALING_TEXT[scaling]}.**", "", c5_section(sweeps[scaling]), ""]
+        if f"rank-{scaling}" in figs:
+            c5 += [f"![rank, {scaling}]({figs[f'rank-{scaling}']})", ""]
     noniid_ring = [("round-robin", "ring"), ("dirichlet-0.1", "ring")]
     c3_abs = [abs(r[2]) for r in rows_fedavg if r[5]]
     parts = [
@@ -335,7 +344,7 @@ def write(runs, syn) -> str:
         f"algorithms {', '.join(ALGOS)}; seeds {', '.join(map(str, SEEDS))} (each seed sets both the data split and the "
         "training seed). Local and FedAvg do not use the graph, so they run once per partition and seed and appear under every topology.",
         f"- Runs finished: {len(grid)} of {planned_grid} in the grid, {sum(r['group'] == 'ablation' for r in runs)} ablation runs, "
-        f"{sum(map(len, sweep.values()))} rank-sweep runs; {hours:.2f} core-hours in all (two runs at a time, one core each). "
+        f"{sum(len(rs) for sw in sweeps.values() for rs in sw.values())} rank-sweep runs; {hours:.2f} core-hours in all (two runs at a time, one core each). "
         f"Majority-class rate of the test set: {majority:.3f}.",
         "",
         "## Accuracy",
@@ -380,16 +389,14 @@ def write(runs, syn) -> str:
         "",
         "### C5: DeCAF's and DLoRA's consensus get closer as the rank grows",
         "",
-        f"On ring + Dirichlet 0.1, seed 0, ranks {', '.join(map(str, SWEEP_RANKS))} with the LoRA scale alpha / r held at 2, "
-        f"{SWEEP_ROUNDS} rounds. At every mixing step both rules are applied to the very same factors (`reproduce/shadow.py`), so "
+        f"On ring + Dirichlet 0.1, seed 0, ranks {', '.join(map(str, SWEEP_RANKS))}, {SWEEP_ROUNDS} rounds, under two "
+        f"parametrizations: the LoRA scale alpha / r held at 2, and alpha held at {SWEEP_FIXED_ALPHA} (the scale falls as 1/r, "
+        "the eta / r of the paper's analysis). At every mixing step both rules are applied to the very same factors (`reproduce/shadow.py`), so "
         "the difference is the aggregation's alone; this is done along a DeCAF run and along a DLoRA run. Also shown: each "
         "rule's distance to the exact mixed product (DLoRA's cross terms, DeCAF's TSVD tail). Means over rounds 2 onwards: "
         "in round 1 all agents still share A, and both rules agree up to rounding.",
         "",
-        c5,
-        "",
-        (f"![rank]({figs['rank']})" if "rank" in figs else ""),
-        "",
+        *c5,
         "### C6: the decentralized gradient norm decays like O(1/sqrt(T))",
         "",
     ]
@@ -415,12 +422,12 @@ def write(runs, syn) -> str:
         "",
         "## Policies: split, optimizer state, gauge",
         "",
-        "On the hardest setting (ring + Dirichlet 0.1), three seeds each; each row is compared with the row it varies, "
-        "paired over seeds.",
-        "",
-        t_ab,
+        "On the ring, three seeds each, with Dirichlet 0.1 and with round-robin classes; each row is compared with the row "
+        "it varies, paired over seeds.",
         "",
     ]
+    for part in ABLATION_PARTITIONS:
+        parts += [f"**Ring + {part}.**", "", t_ab[part], ""]
     discussion = os.path.join(HERE, "discussion.md")
     if os.path.exists(discussion):
         parts += [open(discussion).read().strip(), ""]

@@ -53,8 +53,13 @@ ABLATIONS = [
     ("decaf/procrustes", "decaf", ["algorithm_options={gauge: procrustes}"]),
     ("dlora/keep", "dlora", ["optim.state_after_mix=keep"]),
 ]
-SWEEP_RANKS = (1, 2, 4, 8, 16, 32)  # C5: LoRA scale alpha / r held at 2, as at rank 4
+ABLATION_PARTITIONS = ("dirichlet-0.1", "round-robin")  # on the ring; round-robin is where DeCAF learns most at this budget
+SWEEP_RANKS = (1, 2, 4, 8, 16, 32)
 SWEEP_ROUNDS = 5
+# C5 under two parametrizations: the LoRA scale alpha / r held at 2 (as at rank 4), and alpha held at 8 (the scale
+# falls as 1/r, which is the eta / r of the paper's analysis)
+SWEEP_FIXED_ALPHA = 8
+SWEEP_SCALINGS = ("scale-fixed", "alpha-fixed")
 
 
 @dataclass
@@ -78,16 +83,22 @@ def planned_runs() -> list[Run]:
             for algo in NO_GRAPH:
                 runs.append(Run(f"grid/any/{part}/{algo}/s{seed}", [*BUDGET, *part_o, *seed_o, "topology.name=ring", f"algorithm={algo}"], "grid",
                                 {"topology": "any", "partition": part, "algorithm": algo, "seed": seed}))
-        for label, algo, extra in ABLATIONS:
-            runs.append(Run(f"ablation/{label}/s{seed}", [*BUDGET, *PARTITIONS["dirichlet-0.1"], *seed_o, "topology.name=ring", f"algorithm={algo}", *extra], "ablation",
-                            {"label": label, "algorithm": algo, "seed": seed}))
+        for part in ABLATION_PARTITIONS:  # keys of the first (Dirichlet) set predate the second
+            prefix = "ablation" if part == "dirichlet-0.1" else f"ablation-{part}"
+            for label, algo, extra in ABLATIONS:
+                runs.append(Run(f"{prefix}/{label}/s{seed}", [*BUDGET, *PARTITIONS[part], *seed_o, "topology.name=ring", f"algorithm={algo}", *extra], "ablation",
+                                {"label": label, "algorithm": algo, "seed": seed, "partition": part}))
         if seed == 0:
-            for algo in ("decaf", "dlora"):  # the trajectory along which both consensus rules are compared
-                for r in SWEEP_RANKS:
-                    runs.append(Run(f"sweep/rank{r}/s{seed}" if algo == "decaf" else f"sweep/rank{r}/dlora/s{seed}",
-                                    [*BUDGET, *PARTITIONS["dirichlet-0.1"], *seed_o, "topology.name=ring", f"algorithm={algo}",
-                                     f"lora.rank={r}", f"lora.alpha={2 * r}", f"rounds={SWEEP_ROUNDS}", f"eval_every={SWEEP_ROUNDS}"], "sweep",
-                                    {"rank": r, "seed": seed, "algorithm": algo}))
+            for scaling in SWEEP_SCALINGS:
+                for algo in ("decaf", "dlora"):  # the trajectory along which both consensus rules are compared
+                    for r in SWEEP_RANKS:
+                        alpha = 2 * r if scaling == "scale-fixed" else SWEEP_FIXED_ALPHA
+                        key = f"sweep/rank{r}" + ("" if algo == "decaf" else "/dlora") + f"/s{seed}"
+                        if scaling != "scale-fixed":
+                            key = f"sweep-alpha{SWEEP_FIXED_ALPHA}/rank{r}/{algo}/s{seed}"
+                        runs.append(Run(key, [*BUDGET, *PARTITIONS["dirichlet-0.1"], *seed_o, "topology.name=ring", f"algorithm={algo}",
+                                              f"lora.rank={r}", f"lora.alpha={alpha}", f"rounds={SWEEP_ROUNDS}", f"eval_every={SWEEP_ROUNDS}"], "sweep",
+                                        {"rank": r, "seed": seed, "algorithm": algo, "scaling": scaling}))
     return runs
 
 
