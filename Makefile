@@ -24,7 +24,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_aggregation.py
 	$(BIN)/python benchmarks/bench_engine.py
 
-# The reproduction study (docs/reproduction.md): about 1.5 h on 2 cores; re-running skips finished runs.
+# The reproduction study (docs/reproduction.md): 153 runs, about 1.7 h on 2 cores; re-running reads finished runs back.
 REPRO_WORKERS ?= 2
 reproduce: $(BIN)/.installed
 	$(BIN)/python reproduce/study.py --workers $(REPRO_WORKERS)
