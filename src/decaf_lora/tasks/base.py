@@ -52,7 +52,6 @@ class Task(abc.ABC):
     def predict(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed loss over the batch, predicted class per example)."""
 
-    @torch.no_grad()
     def eval_order(self, indices: np.ndarray) -> np.ndarray:
         """The order evaluation batches ``indices`` in; metrics do not depend on it, padding cost does."""
         return indices
