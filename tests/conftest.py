@@ -66,3 +66,15 @@ def tiny_text_overrides(model_dir: str, out_dir: str, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+class TinyMLP(torch.nn.Module):
+    """A digits-sized classifier (64 inputs, 10 classes) for ModuleTask tests: LoRA targets fc1, fc2."""
+
+    def __init__(self, width=32):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(64, width)
+        self.fc2 = torch.nn.Linear(width, 10)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))

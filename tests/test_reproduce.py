@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.join(ROOT, "reproduce"))
 
 import study  # noqa: E402
 import synthetic  # noqa: E402
+from conftest import TinyMLP  # noqa: E402
 from shadow import ShadowConsensusSimulation, fro_of_product  # noqa: E402
 
 from decaf_lora import algorithms  # noqa: E402
@@ -39,20 +40,10 @@ def test_fro_of_product_equals_the_dense_norm(gen):
     torch.testing.assert_close(fro_of_product(X, Y), torch.linalg.matrix_norm(X @ Y), atol=1e-10, rtol=1e-10)
 
 
-class Tiny(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = torch.nn.Linear(8, 12)
-        self.fc2 = torch.nn.Linear(12, 3)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
 @pytest.mark.parametrize("algo", ["decaf", "dlora"])
 def test_shadow_logs_the_dense_difference_between_decaf_and_dlora_on_the_same_factors(gen, tmp_path, algo):
-    x, y = torch.randn(120, 8, generator=gen), torch.randint(0, 3, (120,), generator=gen).numpy()
-    task = ModuleTask(Tiny, x[40:], y[40:], x[:40], y[:40], targets=["fc1", "fc2"])
+    x, y = torch.randn(120, 64, generator=gen), torch.randint(0, 10, (120,), generator=gen).numpy()
+    task = ModuleTask(TinyMLP, x[40:], y[40:], x[:40], y[:40], targets=["fc1", "fc2"])
     cfg = load_config({"agents": 4, "rounds": 1, "algorithm": algo, "lora": {"rank": 2}, "out_dir": str(tmp_path),
                        "partition": {"scheme": "iid", "local_eval": 0}})
     sim = ShadowConsensusSimulation(cfg, task=task, progress=False, write=False)

@@ -11,15 +11,7 @@ from decaf_lora.config import load_config
 from decaf_lora.engine import Simulation, run
 from decaf_lora.tasks import ModuleTask
 
-
-class TinyMLP(torch.nn.Module):
-    def __init__(self, width=32):
-        super().__init__()
-        self.fc1 = torch.nn.Linear(64, width)
-        self.fc2 = torch.nn.Linear(width, 10)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x)))
+from conftest import TinyMLP
 
 
 def digits_task(width=32):

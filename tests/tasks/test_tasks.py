@@ -12,6 +12,8 @@ from decaf_lora.config import load_config
 from decaf_lora.engine import Simulation, run
 from decaf_lora.tasks import ClipFewShot, CausalLM, ModuleTask, build_task
 
+from conftest import TinyMLP
+
 
 def first_and_last_round_loss(metrics):
     rounds = sorted({m["round"] for m in metrics})
@@ -70,16 +72,6 @@ def test_causal_lm_rank_classification_is_not_biased_by_answer_length():
 def test_label_names_replace_class_names_in_prompts():
     cfg = load_config(None, ["task.kind=causal_lm", "task.dataset=tweets", "task.label_names=[bad, meh, good]"])
     assert build_task(cfg).examples.class_names == ["bad", "meh", "good"]
-
-
-class TinyMLP(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = torch.nn.Linear(64, 32)
-        self.fc2 = torch.nn.Linear(32, 10)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x)))
 
 
 def digits_task():
