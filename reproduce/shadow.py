@@ -23,6 +23,7 @@ import torch
 
 from decaf_lora import algorithms
 from decaf_lora.engine import Simulation
+from decaf_lora.engine.simulation import mixing_inputs
 
 
 def fro_of_product(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
@@ -36,9 +37,8 @@ class ShadowConsensusSimulation(Simulation):
         if self.algorithm.name not in ("decaf", "dlora"):
             return super().apply_mixing(round_, W, own)
         st = self.states
-        inputs = sorted(set(own) | {int(j) for i in own for j in np.nonzero(W[i])[0]})
-        rows = torch.from_numpy(np.ascontiguousarray(W[np.ix_(own, inputs)])).double()
-        self_index = torch.tensor([inputs.index(a) for a in own])
+        inputs, rows, self_index = mixing_inputs(W, own)
+        rows = rows.double()
         decaf = self.algorithm if self.algorithm.name == "decaf" else algorithms.get("decaf")
         dlora = self.algorithm if self.algorithm.name == "dlora" else algorithms.get("dlora")
         outputs = []

@@ -81,6 +81,15 @@ def accumulate_diagnostics(diag: dict[str, torch.Tensor], stats: dict[str, torch
             diag[k] = torch.maximum(diag[k], v)
 
 
+def mixing_inputs(W: np.ndarray, own: list[int]) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """What mixing the agents ``own`` reads: the agents their rows weigh (``inputs``, sorted, ``own`` included), the
+    rows restricted to those columns, and where each own agent sits among the inputs (``self_index``)."""
+    inputs = sorted(set(own) | {int(j) for i in own for j in np.nonzero(W[i])[0]})
+    pos = {a: k for k, a in enumerate(inputs)}
+    rows = torch.from_numpy(np.ascontiguousarray(W[np.ix_(own, inputs)]))
+    return inputs, rows, torch.tensor([pos[a] for a in own])
+
+
 class Simulation:
     """Build everything from a config (and optionally a ready task), then :meth:`run`."""
 
@@ -255,10 +264,7 @@ class Simulation:
         bound summed over layers, and the largest per-layer tail / bound ratio and factor norm ``c``.
         """
         st = self.states
-        inputs = sorted(set(own) | {int(j) for i in own for j in np.nonzero(W[i])[0]})
-        pos = {a: k for k, a in enumerate(inputs)}
-        rows = torch.from_numpy(np.ascontiguousarray(W[np.ix_(own, inputs)]))
-        self_index = torch.tensor([pos[a] for a in own])
+        inputs, rows, self_index = mixing_inputs(W, own)
         dev = st.A[0].device
         own_t, in_t = torch.tensor(own, device=dev), torch.tensor(inputs, device=dev)
         diag: dict[str, torch.Tensor] = {}
