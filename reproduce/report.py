@@ -437,6 +437,9 @@ def write(runs, syn) -> str:
 
 
 def main() -> int:
+    if not os.path.exists(os.path.join(HERE, "results", "runs.jsonl")):
+        print("error: reproduce/results/runs.jsonl does not exist; run `python reproduce/study.py` first.", file=sys.stderr)
+        return 2
     runs, syn = load()
     write(runs, syn)
     print(f"wrote {os.path.relpath(DOC, ROOT)} from {len(runs)} runs")

@@ -169,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true", help="print the planned runs and exit")
     ap.add_argument("--runs-dir", default=RUNS_DIR)
     args = ap.parse_args(argv)
+    if args.workers < 1:
+        ap.error(f"--workers={args.workers} is invalid; use 1 or more (one core each).")
     runs = [r for r in planned_runs() if r.key.startswith(args.only)]
     if args.list:
         print("\n".join(r.key for r in runs))
