@@ -10,7 +10,9 @@ import time
 from collections.abc import Callable
 
 
-def interleaved_medians(contenders: dict[str, Callable[[], object]], reps: int, only_once: tuple[str, ...] = ()) -> dict[str, float]:
+def interleaved_medians(
+    contenders: dict[str, Callable[[], object]], reps: int, only_once: tuple[str, ...] = ()
+) -> dict[str, float]:
     """Median seconds per contender; each round runs every contender once, so load spikes hit all of them alike.
 
     Contenders named in ``only_once`` (a dense SVD taking many seconds) run in the first round only.

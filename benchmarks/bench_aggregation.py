@@ -57,8 +57,12 @@ def main(argv: list[str] | None = None) -> dict:
     gen = torch.Generator(device=dev).manual_seed(0)
     L, d = args.layers, args.d
     step_flops = 6 * LLAMA_PARAMS * args.tokens
-    print(f"aggregation for {L} layers of {d} x {d} on {dev} ({torch.get_num_threads()} threads); one 7B training step = {step_flops:.3g} FLOPs")
-    print(f"{'r':>3} {'m':>3} {'factored s':>11} {'/ 2 QRs':>8} {'/ average':>10} {'dense/fact':>11} {'share of step':>14}")
+    print(
+        f"aggregation for {L} layers of {d} x {d} on {dev} ({torch.get_num_threads()} threads); one 7B training step = {step_flops:.3g} FLOPs"
+    )
+    print(
+        f"{'r':>3} {'m':>3} {'factored s':>11} {'/ 2 QRs':>8} {'/ average':>10} {'dense/fact':>11} {'share of step':>14}"
+    )
     rows = []
     for r in ranks:
         for m in ms:
@@ -71,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
                 def run():
                     fn()
                     sync()
+
                 return run
 
             contenders = {
@@ -80,16 +85,37 @@ def main(argv: list[str] | None = None) -> dict:
             }
             dense_layers = min(args.dense_layers, L)
             if r == 8 and m == 3:
-                contenders["dense_svd"] = timed(lambda: [torch.linalg.svd(torch.einsum("j,jdr,jrk->dk", w, B[l], A[l]), full_matrices=False) for l in range(dense_layers)])
+                contenders["dense_svd"] = timed(
+                    lambda: [
+                        torch.linalg.svd(torch.einsum("j,jdr,jrk->dk", w, B[l], A[l]), full_matrices=False)
+                        for l in range(dense_layers)
+                    ]
+                )
             t = interleaved_medians(contenders, args.reps, only_once=("dense_svd",))
-            row = {"r": r, "m": m, "seconds": t, "factored_over_floor": t["factored"] / t["two_thin_qr"], "factored_over_average": t["factored"] / t["average"],
-                   "flops": aggregation_flops(L, d, d, m, r), "share_of_training_step": aggregation_flops(L, d, d, m, r) / step_flops}
+            row = {
+                "r": r,
+                "m": m,
+                "seconds": t,
+                "factored_over_floor": t["factored"] / t["two_thin_qr"],
+                "factored_over_average": t["factored"] / t["average"],
+                "flops": aggregation_flops(L, d, d, m, r),
+                "share_of_training_step": aggregation_flops(L, d, d, m, r) / step_flops,
+            }
             if "dense_svd" in t:
                 row["dense_over_factored"] = t["dense_svd"] * L / dense_layers / t["factored"]
             rows.append(row)
             dense = f"{row['dense_over_factored']:>11.0f}" if "dense_over_factored" in row else f"{'-':>11}"
-            print(f"{r:>3} {m:>3} {t['factored']:>11.4f} {row['factored_over_floor']:>8.2f} {row['factored_over_average']:>10.1f} {dense} {row['share_of_training_step']:>13.5%}")
-    result = {"device": str(dev), "torch": torch.__version__, "layers": L, "d": d, "step_flops": step_flops, "rows": rows}
+            print(
+                f"{r:>3} {m:>3} {t['factored']:>11.4f} {row['factored_over_floor']:>8.2f} {row['factored_over_average']:>10.1f} {dense} {row['share_of_training_step']:>13.5%}"
+            )
+    result = {
+        "device": str(dev),
+        "torch": torch.__version__,
+        "layers": L,
+        "d": d,
+        "step_flops": step_flops,
+        "rows": rows,
+    }
     write_json_atomically(args.json, result)
     print(f"\nwrote {args.json}")
     return result

@@ -64,13 +64,24 @@ def memory_child(agents: int) -> None:
     one_round(sim, 0)
     import psutil
 
-    print(json.dumps({"agents": agents, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "rss_after_round_mb": psutil.Process().memory_info().rss / 2**20, "adapter_mb": sim.states.adapter_bytes() / 2**20}))
+    print(
+        json.dumps(
+            {
+                "agents": agents,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "rss_after_round_mb": psutil.Process().memory_info().rss / 2**20,
+                "adapter_mb": sim.states.adapter_bytes() / 2**20,
+            }
+        )
+    )
 
 
 def timed_rounds(reps: int) -> dict:
     """One round of DeCAF, of DLoRA and of plain PEFT training on the same batches, interleaved."""
-    sims = {name: Simulation(load_config(None, [*SMALL, f"algorithm={name}"]), progress=False, write=False) for name in ("decaf", "dlora")}
+    sims = {
+        name: Simulation(load_config(None, [*SMALL, f"algorithm={name}"]), progress=False, write=False)
+        for name in ("decaf", "dlora")
+    }
     plain = Simulation(load_config(None, [*SMALL, "algorithm=local"]), progress=False, write=False)
     plain_opt = torch.optim.AdamW(plain.states.parameters(), lr=plain.cfg.optim.lr)
     samples: dict[str, list[float]] = {"decaf": [], "dlora": [], "plain_peft": []}
@@ -85,11 +96,19 @@ def timed_rounds(reps: int) -> dict:
         t0 = time.perf_counter()
         sim.exchange_and_mix(reps + 1, sim.round_plan(reps + 1)[0])
         mix_share[name] = time.perf_counter() - t0
-    print(f"MiniLM demo round (8 agents x {sims['decaf'].cfg.local_steps} steps + mix), median of {reps}, seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in med.items()))
+    print(
+        f"MiniLM demo round (8 agents x {sims['decaf'].cfg.local_steps} steps + mix), median of {reps}, seconds: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in med.items())
+    )
     print(f"  round time decaf / dlora          {med['decaf'] / med['dlora']:.3f}   (target <= 1.05)")
     print(f"  simulator (decaf) / plain PEFT    {med['decaf'] / med['plain_peft']:.3f}   (target <= 1.1)")
     print(f"  mixing step alone: decaf {mix_share['decaf'] * 1e3:.1f} ms, dlora {mix_share['dlora'] * 1e3:.1f} ms")
-    return {"round_seconds": med, "decaf_over_dlora": med["decaf"] / med["dlora"], "simulator_over_plain_peft": med["decaf"] / med["plain_peft"], "mix_seconds": mix_share}
+    return {
+        "round_seconds": med,
+        "decaf_over_dlora": med["decaf"] / med["dlora"],
+        "simulator_over_plain_peft": med["decaf"] / med["plain_peft"],
+        "mix_seconds": mix_share,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -110,12 +129,20 @@ def main(argv: list[str] | None = None) -> dict:
         result.update(timed_rounds(reps))
     mem = []
     for n in (1, 4) if args.quick else (1, 4, 16):
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", str(n)], capture_output=True, text=True, check=True, timeout=900)
+        out = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--memory-child", str(n)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=900,
+        )
         mem.append(json.loads(out.stdout.strip().splitlines()[-1]))
     base, now = mem[0]["peak_rss_mb"], mem[0]["rss_after_round_mb"]
     print(f"memory (one adapter is {mem[0]['adapter_mb']:.2f} MB; the peak includes loading the data and the model):")
     for m in mem:
-        print(f"  {m['agents']:>2} agents: peak RSS {m['peak_rss_mb']:.0f} MB ({m['peak_rss_mb'] / base:.3f}x), RSS after a round {m['rss_after_round_mb']:.0f} MB ({m['rss_after_round_mb'] / now:.3f}x)")
+        print(
+            f"  {m['agents']:>2} agents: peak RSS {m['peak_rss_mb']:.0f} MB ({m['peak_rss_mb'] / base:.3f}x), RSS after a round {m['rss_after_round_mb']:.0f} MB ({m['rss_after_round_mb'] / now:.3f}x)"
+        )
     if len(mem) == 3:
         print(f"  16 agents / 1 agent, peak RSS     {mem[2]['peak_rss_mb'] / base:.3f}   (target <= 1.3)")
     result["memory"] = mem

@@ -79,7 +79,15 @@ def batching(shapes: list[tuple[int, int]], r: int, m: int, reps: int, gen: torc
             },
             reps,
         )
-        rows.append({"d": d, "layers": layers, "seconds": t, "batched_over_loop": t["batched"] / t["loop"], "auto_over_best": t["auto"] / min(t["batched"], t["loop"])})
+        rows.append(
+            {
+                "d": d,
+                "layers": layers,
+                "seconds": t,
+                "batched_over_loop": t["batched"] / t["loop"],
+                "auto_over_best": t["auto"] / min(t["batched"], t["loop"]),
+            }
+        )
     return rows
 
 
@@ -97,7 +105,9 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
 
-    print(f"truncated_svd_of_sum vs alternatives; torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(
+        f"truncated_svd_of_sum vs alternatives; torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+    )
     single = single_layer(args.d, args.r, args.m, args.reps, not args.no_dense, gen)
     s, ra = single["seconds"], single["ratios"]
     print(f"\none layer d = k = {args.d}, r = {args.r}, m = {args.m} (median seconds, float32):")
@@ -114,9 +124,17 @@ def main(argv: list[str] | None = None) -> dict:
     rows = batching(shapes, args.r, args.m, max(3, args.reps // 3), gen)
     print(f"\nbatching: one batched call over layers vs a loop (LOOP_ABOVE_ELEMENTS = {lowrank.LOOP_ABOVE_ELEMENTS}):")
     for row in rows:
-        print(f"  d = {row['d']:>5}, {row['layers']:>3} layers: batched / loop = {row['batched_over_loop']:5.2f}, auto / best = {row['auto_over_best']:5.2f}")
+        print(
+            f"  d = {row['d']:>5}, {row['layers']:>3} layers: batched / loop = {row['batched_over_loop']:5.2f}, auto / best = {row['auto_over_best']:5.2f}"
+        )
 
-    result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": "cpu", "single_layer": single, "batching": rows}
+    result = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": "cpu",
+        "single_layer": single,
+        "batching": rows,
+    }
     write_json_atomically(args.json, result)
     print(f"\nwrote {args.json}")
     return result

@@ -19,8 +19,18 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from study import (ABLATION_PARTITIONS, BUDGET, GOSSIP, PARTITIONS, SEEDS, SWEEP_FIXED_ALPHA, SWEEP_RANKS, SWEEP_ROUNDS,  # noqa: E402
-                   SWEEP_SCALINGS, TOPOLOGIES)
+from study import (
+    ABLATION_PARTITIONS,
+    BUDGET,
+    GOSSIP,
+    PARTITIONS,
+    SEEDS,
+    SWEEP_FIXED_ALPHA,
+    SWEEP_RANKS,
+    SWEEP_ROUNDS,  # noqa: E402
+    SWEEP_SCALINGS,
+    TOPOLOGIES,
+)
 
 from decaf_lora.report import _plt, _save  # noqa: E402
 from decaf_lora.rundir import write_text  # noqa: E402
@@ -54,8 +64,12 @@ def acc_stats(rs: list[dict]) -> dict:
     """Mean and std over every (agent, seed) pair, plus the per-seed means for paired comparisons."""
     per_seed = {r["seed"]: float(np.mean(r["final_accuracy"])) for r in rs}
     every = np.concatenate([r["final_accuracy"] for r in rs]) if rs else np.array([])
-    return {"mean": float(every.mean()) if every.size else float("nan"), "std": float(every.std()) if every.size else float("nan"),
-            "seeds": per_seed, "n": len(rs)}
+    return {
+        "mean": float(every.mean()) if every.size else float("nan"),
+        "std": float(every.std()) if every.size else float("nan"),
+        "seeds": per_seed,
+        "n": len(rs),
+    }
 
 
 def paired_gap(a: dict, b: dict) -> tuple[float, float, int, int]:
@@ -121,7 +135,7 @@ def fig_tail(cells) -> str:
                 continue
             tail = np.mean([[p["mean"] for p in r["per_round"]["tsvd_tail"]] for r in rs], axis=0)
             bound = np.mean([[p["mean"] for p in r["per_round"]["tsvd_tail_bound"]] for r in rs], axis=0)
-            line, = ax.plot(rs[0]["rounds"], tail, marker="o", ms=3, label=f"{topo}: tail")
+            (line,) = ax.plot(rs[0]["rounds"], tail, marker="o", ms=3, label=f"{topo}: tail")
             ax.plot(rs[0]["rounds"], bound, ls="--", color=line.get_color(), label=f"{topo}: bound")
         ax.set_yscale("log")
         ax.set_title(part)
@@ -132,13 +146,19 @@ def fig_tail(cells) -> str:
     return save(fig, "tsvd_tail.png")
 
 
-SCALING_TEXT = {"scale-fixed": "LoRA scale alpha / r held at 2", "alpha-fixed": f"LoRA alpha held at {SWEEP_FIXED_ALPHA}, scale 8 / r"}
+SCALING_TEXT = {
+    "scale-fixed": "LoRA scale alpha / r held at 2",
+    "alpha-fixed": f"LoRA alpha held at {SWEEP_FIXED_ALPHA}, scale 8 / r",
+}
 KEYS_C5 = ("shadow_dlora_gap_relative", "shadow_dlora_gap", "shadow_dlora_interference", "shadow_decaf_truncation")
 
 
 def sweep_means(sweep: dict[str, list[dict]]) -> dict[str, dict[str, list[float]]]:
     """trajectory -> diagnostic -> per-rank mean over rounds 2.. (round 1: every agent still has the common A)."""
-    return {traj: {k: [float(np.mean([p["mean"] for p in r["per_round"][k][1:]])) for r in rs] for k in KEYS_C5} for traj, rs in sweep.items()}
+    return {
+        traj: {k: [float(np.mean([p["mean"] for p in r["per_round"][k][1:]])) for r in rs] for k in KEYS_C5}
+        for traj, rs in sweep.items()
+    }
 
 
 def fig_rank(sweep: dict[str, list[dict]], scaling: str) -> str:
@@ -148,8 +168,12 @@ def fig_rank(sweep: dict[str, list[dict]], scaling: str) -> str:
     for traj, rs in sweep.items():
         ranks = [r["rank"] for r in rs]
         axes[0].plot(ranks, means[traj]["shadow_dlora_gap_relative"], marker="o", label=f"on {traj}'s trajectory")
-        axes[1].plot(ranks, means[traj]["shadow_dlora_interference"], marker="o", label=f"DLoRA cross terms ({traj} traj.)")
-        axes[1].plot(ranks, means[traj]["shadow_decaf_truncation"], marker="s", ls="--", label=f"DeCAF TSVD tail ({traj} traj.)")
+        axes[1].plot(
+            ranks, means[traj]["shadow_dlora_interference"], marker="o", label=f"DLoRA cross terms ({traj} traj.)"
+        )
+        axes[1].plot(
+            ranks, means[traj]["shadow_decaf_truncation"], marker="s", ls="--", label=f"DeCAF TSVD tail ({traj} traj.)"
+        )
     axes[0].set_ylabel("||BA_decaf - BA_dlora|| / ||BA_decaf||")
     axes[1].set_ylabel("distance to the exact mixed product")
     for ax in axes:
@@ -158,7 +182,9 @@ def fig_rank(sweep: dict[str, list[dict]], scaling: str) -> str:
         ax.set_xlabel("LoRA rank r")
         ax.grid(alpha=0.3)
         legend(ax, fontsize=7)
-    fig.suptitle(f"DeCAF vs DLoRA consensus on the same factors ({SCALING_TEXT[scaling]}; mean over rounds 2-{SWEEP_ROUNDS})")
+    fig.suptitle(
+        f"DeCAF vs DLoRA consensus on the same factors ({SCALING_TEXT[scaling]}; mean over rounds 2-{SWEEP_ROUNDS})"
+    )
     return save(fig, f"rank_gap_{scaling}.png")
 
 
@@ -197,19 +223,29 @@ def main_table(cells) -> str:
         for topo in TOPOLOGIES:
             st = {a: acc_stats(cells[(topo, part, a)]) for a in ALGOS}
             best = max(ALGOS, key=lambda a: -1 if np.isnan(st[a]["mean"]) else st[a]["mean"])
-            row = [f"**{fmt(st[a]['mean'], st[a]['std'])}**" if a == best else fmt(st[a]["mean"], st[a]["std"]) for a in ALGOS]
+            row = [
+                f"**{fmt(st[a]['mean'], st[a]['std'])}**" if a == best else fmt(st[a]["mean"], st[a]["std"])
+                for a in ALGOS
+            ]
             lines.append(f"| {part} | {topo} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
 def gap_table(cells, other: str) -> tuple[str, list[tuple[str, str, float, float, int, int]]]:
     rows = []
-    lines = [f"| partition | topology | decaf - {other} (mean ± std over seeds) | seeds with decaf >= {other} |", "|---|---|---|---|"]
+    lines = [
+        f"| partition | topology | decaf - {other} (mean ± std over seeds) | seeds with decaf >= {other} |",
+        "|---|---|---|---|",
+    ]
     for part in PARTITIONS:
         for topo in TOPOLOGIES:
             g = paired_gap(acc_stats(cells[(topo, part, "decaf")]), acc_stats(cells[(topo, part, other)]))
             rows.append((part, topo, *g))
-            lines.append(f"| {part} | {topo} | {g[0]:+.3f} ± {g[1]:.3f} | {g[2]}/{g[3]} |" if g[3] else f"| {part} | {topo} | not run | |")
+            lines.append(
+                f"| {part} | {topo} | {g[0]:+.3f} ± {g[1]:.3f} | {g[2]}/{g[3]} |"
+                if g[3]
+                else f"| {part} | {topo} | not run | |"
+            )
     return "\n".join(lines), rows
 
 
@@ -242,7 +278,10 @@ def ablation_table(runs, cells, part: str) -> tuple[str, dict]:
         ("gauge", "decaf, keep, none", stats.get("decaf/keep"), None),
         ("gauge", "decaf, keep, procrustes", stats.get("decaf/keep+procrustes"), stats.get("decaf/keep")),
     ]
-    lines = ["| question | setting | accuracy (mean ± std, agents x seeds) | vs the row it varies (paired over seeds) |", "|---|---|---|---|"]
+    lines = [
+        "| question | setting | accuracy (mean ± std, agents x seeds) | vs the row it varies (paired over seeds) |",
+        "|---|---|---|---|",
+    ]
     for q, label, st, ref in rows:
         if st is None or not st["n"]:
             lines.append(f"| {q} | {label} | not run | |")
@@ -266,9 +305,11 @@ def c4_section(runs) -> tuple[str, dict]:
         return "No DeCAF runs finished yet.", {}
     worst = max(ratios)
     out = {"worst_ratio": worst, "rounds_checked": n, "c_min": min(cs), "c_max": max(cs)}
-    text = (f"Over {n} (run, round) pairs of DeCAF, every agent and every layer, the largest measured tail / bound ratio is "
-            f"**{worst:.2e}**; the bound {'holds every round' if worst <= 1 else 'is VIOLATED'}. The measured c (largest "
-            f"factor spectral norm in a neighbourhood, per layer) ranges from {min(cs):.3f} to {max(cs):.3f}.")
+    text = (
+        f"Over {n} (run, round) pairs of DeCAF, every agent and every layer, the largest measured tail / bound ratio is "
+        f"**{worst:.2e}**; the bound {'holds every round' if worst <= 1 else 'is VIOLATED'}. The measured c (largest "
+        f"factor spectral norm in a neighbourhood, per layer) ranges from {min(cs):.3f} to {max(cs):.3f}."
+    )
     return text, out
 
 
@@ -277,11 +318,21 @@ def c5_section(sweep: dict[str, list[dict]]) -> str:
         return "The rank sweep has not finished."
     means = sweep_means(sweep)
     trajs = list(sweep)
-    lines = ["| rank r | " + " | ".join(f"{t} trajectory: relative gap / DLoRA cross terms / DeCAF tail" for t in trajs) + " |",
-             "|---|" + "---|" * len(trajs)]
+    lines = [
+        "| rank r | "
+        + " | ".join(f"{t} trajectory: relative gap / DLoRA cross terms / DeCAF tail" for t in trajs)
+        + " |",
+        "|---|" + "---|" * len(trajs),
+    ]
     ranks = [r["rank"] for r in sweep[trajs[0]]]
     for k, rank in enumerate(ranks):
-        cells = [" / ".join(f"{means[t][key][k]:.4f}" for key in ("shadow_dlora_gap_relative", "shadow_dlora_interference", "shadow_decaf_truncation")) for t in trajs]
+        cells = [
+            " / ".join(
+                f"{means[t][key][k]:.4f}"
+                for key in ("shadow_dlora_gap_relative", "shadow_dlora_interference", "shadow_decaf_truncation")
+            )
+            for t in trajs
+        ]
         lines.append(f"| {rank} | " + " | ".join(cells) + " |")
     text = ["\n".join(lines), ""]
     for t in trajs:
@@ -290,9 +341,17 @@ def c5_section(sweep: dict[str, list[dict]]) -> str:
         slope = float(np.polyfit(np.log(rk), np.log(rel), 1)[0])
         slope_abs = float(np.polyfit(np.log(rk), np.log(means[t]["shadow_dlora_gap"]), 1)[0])
         steps = np.diff(rel)
-        trend = "shrinks as r grows" if (steps <= 0).all() else "grows with r" if (steps >= 0).all() else "is not monotone in r"
-        text.append(f"- On {t}'s trajectory the relative gap {trend}: "
-                    f"log-log slope **{slope:+.2f}** (absolute gap {slope_abs:+.2f}; theory about -0.5 at fixed c).")
+        trend = (
+            "shrinks as r grows"
+            if (steps <= 0).all()
+            else "grows with r"
+            if (steps >= 0).all()
+            else "is not monotone in r"
+        )
+        text.append(
+            f"- On {t}'s trajectory the relative gap {trend}: "
+            f"log-log slope **{slope:+.2f}** (absolute gap {slope_abs:+.2f}; theory about -0.5 at fixed c)."
+        )
     return "\n".join(text)
 
 
@@ -301,8 +360,19 @@ def write(runs, syn) -> str:
     figs = {"acc": fig_accuracy(cells), "cons": fig_consensus(cells), "tail": fig_tail(cells)}
     sweeps = {}
     for scaling in SWEEP_SCALINGS:
-        sw = {t: sorted((r for r in runs if r["group"] == "sweep" and r.get("algorithm", "decaf") == t and r.get("scaling", "scale-fixed") == scaling),
-                        key=lambda r: r["rank"]) for t in ("decaf", "dlora")}
+        sw = {
+            t: sorted(
+                (
+                    r
+                    for r in runs
+                    if r["group"] == "sweep"
+                    and r.get("algorithm", "decaf") == t
+                    and r.get("scaling", "scale-fixed") == scaling
+                ),
+                key=lambda r: r["rank"],
+            )
+            for t in ("decaf", "dlora")
+        }
         sweeps[scaling] = {t: rs for t, rs in sw.items() if rs}
         if sweeps[scaling] and all(len(rs) >= 2 for rs in sweeps[scaling].values()):
             figs[f"rank-{scaling}"] = fig_rank(sweeps[scaling], scaling)
@@ -373,8 +443,12 @@ def write(runs, syn) -> str:
         "",
         "### C3: DeCAF close to FedAvg",
         "",
-        (f"The gap DeCAF - FedAvg ranges over [{min(r[2] for r in rows_fedavg if r[5]):+.3f}, {max(r[2] for r in rows_fedavg if r[5]):+.3f}] "
-         f"(mean |gap| {np.mean(c3_abs):.3f}); " + verdict_better(rows_fedavg, "fedavg")) if c3_abs else "Not run yet.",
+        (
+            f"The gap DeCAF - FedAvg ranges over [{min(r[2] for r in rows_fedavg if r[5]):+.3f}, {max(r[2] for r in rows_fedavg if r[5]):+.3f}] "
+            f"(mean |gap| {np.mean(c3_abs):.3f}); " + verdict_better(rows_fedavg, "fedavg")
+        )
+        if c3_abs
+        else "Not run yet.",
         "",
         t_fedavg,
         "",
@@ -408,11 +482,19 @@ def write(runs, syn) -> str:
             "",
             "| method | " + " | ".join(f"T={t}" for t in syn["horizons"]) + " | log-log slope | per seed |",
             "|---|" + "---|" * (len(syn["horizons"]) + 2),
-            *[f"| {a} | " + " | ".join(f"{v:.4f}" for v in r["avg_grad_sq"]) + f" | **{r['slope']:.3f}** | {', '.join(f'{v:.3f}' for v in r['slope_per_seed'])} |"
-              for a, r in syn["methods"].items()],
+            *[
+                f"| {a} | "
+                + " | ".join(f"{v:.4f}" for v in r["avg_grad_sq"])
+                + f" | **{r['slope']:.3f}** | {', '.join(f'{v:.3f}' for v in r['slope_per_seed'])} |"
+                for a, r in syn["methods"].items()
+            ],
             "",
-            "The bound predicts a slope of -0.5 or steeper; " + "; ".join(
-                f"{a}: {r['slope']:.3f}, {'consistent' if r['slope'] <= -0.45 else 'NOT consistent'}" for a, r in syn["methods"].items()) + ".",
+            "The bound predicts a slope of -0.5 or steeper; "
+            + "; ".join(
+                f"{a}: {r['slope']:.3f}, {'consistent' if r['slope'] <= -0.45 else 'NOT consistent'}"
+                for a, r in syn["methods"].items()
+            )
+            + ".",
             "",
             f"![rate]({figs['syn']})",
         ]
@@ -438,7 +520,10 @@ def write(runs, syn) -> str:
 
 def main() -> int:
     if not os.path.exists(os.path.join(HERE, "results", "runs.jsonl")):
-        print("error: reproduce/results/runs.jsonl does not exist; run `python reproduce/study.py` first.", file=sys.stderr)
+        print(
+            "error: reproduce/results/runs.jsonl does not exist; run `python reproduce/study.py` first.",
+            file=sys.stderr,
+        )
         return 2
     runs, syn = load()
     write(runs, syn)

@@ -60,6 +60,11 @@ class ShadowConsensusSimulation(Simulation):
             interf2 += s2 * fro_of_product(torch.cat([Bl, -wB], -1), torch.cat([Al, A_all], -2)) ** 2
             trunc2 += s2 * fro_of_product(torch.cat([Bd, -wB], -1), torch.cat([Ad, A_all], -2)) ** 2
         rel = torch.where(norm2 > 0, gap2.sqrt() / norm2.sqrt().clamp(min=1e-300), torch.zeros_like(gap2))
-        for name, v in (("shadow_dlora_gap", gap2.sqrt()), ("shadow_dlora_gap_relative", rel), ("shadow_dlora_interference", interf2.sqrt()), ("shadow_decaf_truncation", trunc2.sqrt())):
+        for name, v in (
+            ("shadow_dlora_gap", gap2.sqrt()),
+            ("shadow_dlora_gap_relative", rel),
+            ("shadow_dlora_interference", interf2.sqrt()),
+            ("shadow_decaf_truncation", trunc2.sqrt()),
+        ):
             diagnostics[name] = dict(zip(own, v.tolist()))
         return diagnostics

@@ -42,7 +42,11 @@ BUDGET = [
 ]
 SEEDS = (0, 1, 2)
 TOPOLOGIES = ("ring", "complete", "bipartite")
-PARTITIONS = {"iid": ["partition.scheme=iid"], "round-robin": ["partition.scheme=round_robin"], "dirichlet-0.1": ["partition.scheme=dirichlet", "partition.alpha=0.1"]}
+PARTITIONS = {
+    "iid": ["partition.scheme=iid"],
+    "round-robin": ["partition.scheme=round_robin"],
+    "dirichlet-0.1": ["partition.scheme=dirichlet", "partition.alpha=0.1"],
+}
 GOSSIP = ("decaf", "dlora", "dlora-fa")
 NO_GRAPH = ("local", "fedavg")  # neither depends on the graph: run once per split, reported under every topology
 # Policy ablations on the hardest setting (ring, Dirichlet 0.1): (label, algorithm, overrides)
@@ -53,7 +57,10 @@ ABLATIONS = [
     ("decaf/procrustes", "decaf", ["algorithm_options={gauge: procrustes}"]),
     ("dlora/keep", "dlora", ["optim.state_after_mix=keep"]),
 ]
-ABLATION_PARTITIONS = ("dirichlet-0.1", "round-robin")  # on the ring; round-robin is where DeCAF learns most at this budget
+ABLATION_PARTITIONS = (
+    "dirichlet-0.1",
+    "round-robin",
+)  # on the ring; round-robin is where DeCAF learns most at this budget
 SWEEP_RANKS = (1, 2, 4, 8, 16, 32)
 SWEEP_ROUNDS = 5
 # C5 under two parametrizations: the LoRA scale alpha / r held at 2 (as at rank 4), and alpha held at 8 (the scale
@@ -78,16 +85,34 @@ def planned_runs() -> list[Run]:
         for part, part_o in PARTITIONS.items():
             for topo in TOPOLOGIES:
                 for algo in GOSSIP:
-                    runs.append(Run(f"grid/{topo}/{part}/{algo}/s{seed}", [*BUDGET, *part_o, *seed_o, f"topology.name={topo}", f"algorithm={algo}"], "grid",
-                                    {"topology": topo, "partition": part, "algorithm": algo, "seed": seed}))
+                    runs.append(
+                        Run(
+                            f"grid/{topo}/{part}/{algo}/s{seed}",
+                            [*BUDGET, *part_o, *seed_o, f"topology.name={topo}", f"algorithm={algo}"],
+                            "grid",
+                            {"topology": topo, "partition": part, "algorithm": algo, "seed": seed},
+                        )
+                    )
             for algo in NO_GRAPH:
-                runs.append(Run(f"grid/any/{part}/{algo}/s{seed}", [*BUDGET, *part_o, *seed_o, "topology.name=ring", f"algorithm={algo}"], "grid",
-                                {"topology": "any", "partition": part, "algorithm": algo, "seed": seed}))
+                runs.append(
+                    Run(
+                        f"grid/any/{part}/{algo}/s{seed}",
+                        [*BUDGET, *part_o, *seed_o, "topology.name=ring", f"algorithm={algo}"],
+                        "grid",
+                        {"topology": "any", "partition": part, "algorithm": algo, "seed": seed},
+                    )
+                )
         for part in ABLATION_PARTITIONS:  # keys of the first (Dirichlet) set predate the second
             prefix = "ablation" if part == "dirichlet-0.1" else f"ablation-{part}"
             for label, algo, extra in ABLATIONS:
-                runs.append(Run(f"{prefix}/{label}/s{seed}", [*BUDGET, *PARTITIONS[part], *seed_o, "topology.name=ring", f"algorithm={algo}", *extra], "ablation",
-                                {"label": label, "algorithm": algo, "seed": seed, "partition": part}))
+                runs.append(
+                    Run(
+                        f"{prefix}/{label}/s{seed}",
+                        [*BUDGET, *PARTITIONS[part], *seed_o, "topology.name=ring", f"algorithm={algo}", *extra],
+                        "ablation",
+                        {"label": label, "algorithm": algo, "seed": seed, "partition": part},
+                    )
+                )
         if seed == 0:
             for scaling in SWEEP_SCALINGS:
                 for algo in ("decaf", "dlora"):  # the trajectory along which both consensus rules are compared
@@ -96,9 +121,24 @@ def planned_runs() -> list[Run]:
                         key = f"sweep/rank{r}" + ("" if algo == "decaf" else "/dlora") + f"/s{seed}"
                         if scaling != "scale-fixed":
                             key = f"sweep-alpha{SWEEP_FIXED_ALPHA}/rank{r}/{algo}/s{seed}"
-                        runs.append(Run(key, [*BUDGET, *PARTITIONS["dirichlet-0.1"], *seed_o, "topology.name=ring", f"algorithm={algo}",
-                                              f"lora.rank={r}", f"lora.alpha={alpha}", f"rounds={SWEEP_ROUNDS}", f"eval_every={SWEEP_ROUNDS}"], "sweep",
-                                        {"rank": r, "seed": seed, "algorithm": algo, "scaling": scaling}))
+                        runs.append(
+                            Run(
+                                key,
+                                [
+                                    *BUDGET,
+                                    *PARTITIONS["dirichlet-0.1"],
+                                    *seed_o,
+                                    "topology.name=ring",
+                                    f"algorithm={algo}",
+                                    f"lora.rank={r}",
+                                    f"lora.alpha={alpha}",
+                                    f"rounds={SWEEP_ROUNDS}",
+                                    f"eval_every={SWEEP_ROUNDS}",
+                                ],
+                                "sweep",
+                                {"rank": r, "seed": seed, "algorithm": algo, "scaling": scaling},
+                            )
+                        )
     return runs
 
 
@@ -109,10 +149,10 @@ def run_one(run: Run, runs_dir: str) -> dict:
     torch.set_num_threads(1)  # the study runs one process per core
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.path.insert(0, HERE)
+    from shadow import ShadowConsensusSimulation
+
     from decaf_lora.config import load_config
     from decaf_lora.engine.checkpoint import FILE as CHECKPOINT_FILE
-
-    from shadow import ShadowConsensusSimulation
 
     run_dir = os.path.join(runs_dir, *run.key.split("/"))
     cfg = load_config(None, [*run.overrides, f"name={run.key.replace('/', '-')}", f"out_dir={runs_dir}"])
@@ -134,8 +174,18 @@ def record(run: Run, run_dir: str) -> dict:
         metrics = [json.loads(line) for line in f if line.strip()]
     rounds = sorted({m["round"] for m in metrics})
     per_round = {}
-    for key in ("train_loss", "consensus_distance", "tsvd_tail", "tsvd_tail_bound", "tsvd_tail_ratio", "factor_norm_c", "shadow_dlora_gap",
-                "shadow_dlora_gap_relative", "shadow_dlora_interference", "shadow_decaf_truncation"):
+    for key in (
+        "train_loss",
+        "consensus_distance",
+        "tsvd_tail",
+        "tsvd_tail_bound",
+        "tsvd_tail_ratio",
+        "factor_norm_c",
+        "shadow_dlora_gap",
+        "shadow_dlora_gap_relative",
+        "shadow_dlora_interference",
+        "shadow_decaf_truncation",
+    ):
         series = []
         for t in rounds:
             vals = [m[key] for m in metrics if m["round"] == t and m.get(key) is not None]
@@ -143,7 +193,9 @@ def record(run: Run, run_dir: str) -> dict:
         per_round[key] = series
     final = [m for m in metrics if m["round"] == rounds[-1]]
     return {
-        "key": run.key, "group": run.group, **run.info,
+        "key": run.key,
+        "group": run.group,
+        **run.info,
         "final_accuracy": [m["eval_accuracy"] for m in sorted(final, key=lambda m: m["agent"])],
         "final_f1": [m["eval_f1"] for m in sorted(final, key=lambda m: m["agent"])],
         "majority_rate": summary["majority_rate"],
@@ -183,7 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         with open(RESULTS) as f:
             records = {rec["key"]: rec for rec in (json.loads(line) for line in f if line.strip())}
     # a run whose directory holds a summary is only read back; everything else is (re)computed
-    with ProcessPoolExecutor(max_workers=args.workers) as pool, tqdm(total=len(runs), desc="study runs", unit="run") as bar:
+    with (
+        ProcessPoolExecutor(max_workers=args.workers) as pool,
+        tqdm(total=len(runs), desc="study runs", unit="run") as bar,
+    ):
         futures = {pool.submit(run_one, r, args.runs_dir): r for r in runs}
         for fut in as_completed(futures):
             rec = fut.result()

@@ -16,7 +16,6 @@ Run: ``python reproduce/synthetic.py`` (about two minutes on one core).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -38,8 +37,16 @@ SEEDS = (0, 1, 2)
 
 def problem(seed: int) -> dict:
     g = torch.Generator().manual_seed(1000 + seed)
-    shared = torch.randn(D, 2, generator=g, dtype=torch.float64) @ torch.randn(2, K, generator=g, dtype=torch.float64) / D
-    own = [0.3 * torch.randn(D, 1, generator=g, dtype=torch.float64) @ torch.randn(1, K, generator=g, dtype=torch.float64) / D for _ in range(AGENTS)]
+    shared = (
+        torch.randn(D, 2, generator=g, dtype=torch.float64) @ torch.randn(2, K, generator=g, dtype=torch.float64) / D
+    )
+    own = [
+        0.3
+        * torch.randn(D, 1, generator=g, dtype=torch.float64)
+        @ torch.randn(1, K, generator=g, dtype=torch.float64)
+        / D
+        for _ in range(AGENTS)
+    ]
     return {"shift": torch.stack([shared + o for o in own])}  # D_i, (N, D, K); W0 cancels out of every gradient
 
 
@@ -54,7 +61,9 @@ def run(algo: str, T: int, seed: int) -> float:
     prob = problem(seed)
     shift = prob["shift"]
     g = torch.Generator().manual_seed(seed)
-    A = (torch.randn(1, RANK, K, generator=g, dtype=torch.float64) / math.sqrt(K)).expand(AGENTS, -1, -1).clone()  # common init
+    A = (
+        (torch.randn(1, RANK, K, generator=g, dtype=torch.float64) / math.sqrt(K)).expand(AGENTS, -1, -1).clone()
+    )  # common init
     B = torch.zeros(AGENTS, D, RANK, dtype=torch.float64)
     W = torch.from_numpy(Topology.build("ring", AGENTS).matrix)
     rule = algorithms.get(algo)
@@ -80,8 +89,19 @@ def main() -> int:
     torch.set_num_threads(1)
     from tqdm import tqdm
 
-    results = {"horizons": list(HORIZONS), "seeds": list(SEEDS), "eta0": ETA0, "agents": AGENTS, "d": D, "k": K, "rank": RANK,
-               "batch": BATCH, "noise": NOISE, "topology": "ring", "methods": {}}
+    results = {
+        "horizons": list(HORIZONS),
+        "seeds": list(SEEDS),
+        "eta0": ETA0,
+        "agents": AGENTS,
+        "d": D,
+        "k": K,
+        "rank": RANK,
+        "batch": BATCH,
+        "noise": NOISE,
+        "topology": "ring",
+        "methods": {},
+    }
     jobs = [(a, T, s) for a in ("decaf", "dlora") for T in HORIZONS for s in SEEDS]
     values = {}
     for a, T, s in tqdm(jobs, desc="C6 synthetic", unit="run"):
@@ -89,8 +109,12 @@ def main() -> int:
     for a in ("decaf", "dlora"):
         means = [float(np.mean([values[(a, T, s)] for s in SEEDS])) for T in HORIZONS]
         per_seed = [slope(HORIZONS, [values[(a, T, s)] for T in HORIZONS]) for s in SEEDS]
-        results["methods"][a] = {"avg_grad_sq": means, "slope": slope(HORIZONS, means), "slope_per_seed": per_seed,
-                                 "per_seed": {str(s): [values[(a, T, s)] for T in HORIZONS] for s in SEEDS}}
+        results["methods"][a] = {
+            "avg_grad_sq": means,
+            "slope": slope(HORIZONS, means),
+            "slope_per_seed": per_seed,
+            "per_seed": {str(s): [values[(a, T, s)] for T in HORIZONS] for s in SEEDS},
+        }
     sys.path.insert(0, os.path.dirname(HERE))
     from decaf_lora.rundir import write_json
 

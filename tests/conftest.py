@@ -33,7 +33,14 @@ def tiny_bert_dir(tmp_path_factory):
         if os.path.exists(os.path.join(src, name)):
             shutil.copy(os.path.join(src, name), d / name)
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, max_position_embeddings=64)
+    cfg = BertConfig(
+        vocab_size=30522,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
     BertModel(cfg).save_pretrained(d)
     return str(d)
 
@@ -78,3 +85,9 @@ class TinyMLP(torch.nn.Module):
 
     def forward(self, x):
         return self.fc2(torch.relu(self.fc1(x)))
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--update-golden", action="store_true", help="rewrite tests/engine/golden_numbers.json from this code"
+    )

@@ -13,7 +13,7 @@ def files(tmp_path):
     (tmp_path / "wrong_columns.csv").write_text("sentence,sentiment\nhello,pos\nbye,neg\n")
     (tmp_path / "one_class.csv").write_text("text,label\nhello,pos\nbye,pos\n")
     (tmp_path / "broken.jsonl").write_text('{"text": "a", "label": 1}\n{"text": "b", label: 2}\n')
-    (tmp_path / "not_objects.jsonl").write_text('[1, 2]\n')
+    (tmp_path / "not_objects.jsonl").write_text("[1, 2]\n")
     (tmp_path / "empty_cells.csv").write_text("text,label\nhello,pos\n,neg\n")
     (tmp_path / "keys.csv").write_text("text,label,user\n" + "".join(f"t{i},{i % 2},u{i % 3}\n" for i in range(60)))
     (tmp_path / "edges_bad.txt").write_text("0 1\n1 x\n")
@@ -36,7 +36,10 @@ CASES = [
     (["optim.lr=fast"], "optim.lr='fast' has the wrong type; it must be a number."),
     (["optim.state_after_mix=maybe"], "optim.state_after_mix='maybe' is not known; choose one of: keep, reset."),
     (["algorithm=nope"], "algorithm='nope' is not known; choose one of: decaf, dlora, dlora-fa, fedavg, local."),
-    (["algorithm_options={split: x}"], "algorithm_options.split='x' is not known; choose one of: all-into-b, balanced."),
+    (
+        ["algorithm_options={split: x}"],
+        "algorithm_options.split='x' is not known; choose one of: all-into-b, balanced.",
+    ),
     (["algorithm=dlora", "algorithm_options={gauge: lstsq}"], "algorithm 'dlora' has no option gauge"),
     (["topology=moon"], "topology.name='moon' is not known"),
     (["topology=star", "topology.mixing=uniform"], "mixing='uniform' needs every agent to have the same degree"),
@@ -48,12 +51,28 @@ CASES = [
     (["partition=zipf"], "partition.scheme='zipf' is not known"),
     (["partition.alpha=0"], "partition.alpha=0.0 is invalid"),
     (["partition=natural"], "partition.scheme=natural needs partition.key"),
-    (["partition=natural", "partition.key=user", "task.dataset=FILES/wrong_columns.csv"], "is not a column of wrong_columns.csv"),
-    (["partition=natural", "partition.key=user", "task.dataset=FILES/keys.csv", "task.test_examples=10", "agents=5", "task.train_examples=0"], "3 distinct values but agents=5"),
+    (
+        ["partition=natural", "partition.key=user", "task.dataset=FILES/wrong_columns.csv"],
+        "is not a column of wrong_columns.csv",
+    ),
+    (
+        [
+            "partition=natural",
+            "partition.key=user",
+            "task.dataset=FILES/keys.csv",
+            "task.test_examples=10",
+            "agents=5",
+            "task.train_examples=0",
+        ],
+        "3 distinct values but agents=5",
+    ),
     (["agents=400"], "agents=400 is more than the 320 training examples"),
     (["task.test_examples=100000"], "task.test_examples=100000 leaves no training data"),
     (["task.dataset=/no/such.csv"], "task.dataset='/no/such.csv' does not exist"),
-    (["task.dataset=FILES/wrong_columns.csv"], "task.text_column='text' is not a column of wrong_columns.csv; its columns are: sentence, sentiment."),
+    (
+        ["task.dataset=FILES/wrong_columns.csv"],
+        "task.text_column='text' is not a column of wrong_columns.csv; its columns are: sentence, sentiment.",
+    ),
     (["task.dataset=FILES/one_class.csv"], "has 1 distinct value(s); classification needs at least 2 classes."),
     (["task.dataset=FILES/broken.jsonl"], "line 2 is not valid JSON"),
     (["task.dataset=FILES/not_objects.jsonl"], "line 1 is not a JSON object"),

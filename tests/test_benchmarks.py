@@ -15,7 +15,12 @@ def test_bench_tsvd_runs_and_writes_every_ratio(tmp_path, capsys):
     bench_tsvd.main(["--d", "64", "--r", "2", "--reps", "1", "--json", str(out)])
     data = json.loads(out.read_text())
     ratios = data["single_layer"]["ratios"]
-    assert set(ratios) == {"dense_over_factored", "factored_over_two_thin_qr", "factored_over_two_geqrf", "factored_over_average"}
+    assert set(ratios) == {
+        "dense_over_factored",
+        "factored_over_two_thin_qr",
+        "factored_over_two_geqrf",
+        "factored_over_average",
+    }
     assert all(math.isfinite(v) and v > 0 for v in ratios.values())
     assert len(data["batching"]) == 3
     assert "target > 1000x" in capsys.readouterr().out
@@ -26,7 +31,24 @@ def test_bench_aggregation_runs_on_a_tiny_grid(tmp_path, capsys):
     import bench_aggregation
 
     out = tmp_path / "agg.json"
-    data = bench_aggregation.main(["--layers", "2", "--d", "64", "--ranks", "8", "--ms", "3", "--reps", "1", "--device", "cpu", "--json", str(out)])
+    data = bench_aggregation.main(
+        [
+            "--layers",
+            "2",
+            "--d",
+            "64",
+            "--ranks",
+            "8",
+            "--ms",
+            "3",
+            "--reps",
+            "1",
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+        ]
+    )
     (row,) = data["rows"]
     assert {"factored_over_floor", "factored_over_average", "dense_over_factored", "share_of_training_step"} <= set(row)
     assert json.loads(out.read_text())["layers"] == 2

@@ -48,7 +48,10 @@ def test_large_topologies_omit_the_matrix():
         (["topology", "ring"], "error: --agents is required"),
         (["topology", "ring", "-n", "4", "--mixing", "x"], "error: mixing='x' is not known"),
         (["topology", "ring", "-n", "4", "--param", "hubs"], "error: --param 'hubs' is not of the form key=value"),
-        (["topology", "star", "-n", "5", "--mixing", "uniform"], "error: mixing='uniform' needs every agent to have the same degree"),
+        (
+            ["topology", "star", "-n", "5", "--mixing", "uniform"],
+            "error: mixing='uniform' needs every agent to have the same degree",
+        ),
         (["topology", "edges", "--edges", "/no/such/file"], "error: edges='/no/such/file' is not a readable file"),
     ],
 )
@@ -68,7 +71,12 @@ def test_consensus_demo_compares_decaf_and_dlora():
 
 
 def test_python_dash_m_entry_point():
-    out = subprocess.run([sys.executable, "-m", "decaf_lora", "topology", "complete", "-n", "3"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "decaf_lora", "topology", "complete", "-n", "3"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "spectral gap = 1.0000" in out.stdout
 
 

@@ -7,27 +7,67 @@ from decaf_lora.config import ConfigError, RunConfig, dump_config, field_help, l
 
 def test_defaults_are_the_demo():
     cfg = load_config()
-    assert (cfg.agents, cfg.topology.name, cfg.algorithm, cfg.task.model, cfg.task.dataset) == (8, "ring", "decaf", "minilm", "tweets")
+    assert (cfg.agents, cfg.topology.name, cfg.algorithm, cfg.task.model, cfg.task.dataset) == (
+        8,
+        "ring",
+        "decaf",
+        "minilm",
+        "tweets",
+    )
     assert cfg.partition.scheme != "iid"
 
 
 def test_overrides_with_section_shortcuts_and_yaml_values():
-    cfg = load_config(None, ["algorithm=dlora", "agents=16", "topology=torus", "rounds=20", "local_steps=5", "seed=1", "partition=dirichlet",
-                             "partition.alpha=0.1", "lora.rank=4", "lora.targets=[query,value]", "optim.lr=5e-3", "algorithm_options={}"])
+    cfg = load_config(
+        None,
+        [
+            "algorithm=dlora",
+            "agents=16",
+            "topology=torus",
+            "rounds=20",
+            "local_steps=5",
+            "seed=1",
+            "partition=dirichlet",
+            "partition.alpha=0.1",
+            "lora.rank=4",
+            "lora.targets=[query,value]",
+            "optim.lr=5e-3",
+            "algorithm_options={}",
+        ],
+    )
     assert cfg.algorithm == "dlora" and cfg.agents == 16 and cfg.topology.name == "torus" and cfg.partition.alpha == 0.1
     assert cfg.lora.targets == ["query", "value"] and cfg.optim.lr == 5e-3
 
 
 def test_yaml_file_then_overrides(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("agents: 5\ntopology:\n  name: star\nlora: {rank: 2, alpha: 4}\nalgorithm_options: {split: balanced}\n")
+    f.write_text(
+        "agents: 5\ntopology:\n  name: star\nlora: {rank: 2, alpha: 4}\nalgorithm_options: {split: balanced}\n"
+    )
     cfg = load_config(str(f), ["agents=6"])
-    assert cfg.agents == 6 and cfg.topology.name == "star" and cfg.lora.rank == 2 and cfg.algorithm_options == {"split": "balanced"}
+    assert (
+        cfg.agents == 6
+        and cfg.topology.name == "star"
+        and cfg.lora.rank == 2
+        and cfg.algorithm_options == {"split": "balanced"}
+    )
 
 
 def test_every_problem_is_reported_at_once_one_sentence_each():
     with pytest.raises(ConfigError) as info:
-        load_config(None, ["lora.rnk=3", "agents=0", "algorithm=decaff", "rounds=abc", "topology=moon", "optim.lr=-1", "lora.dropout=1.5", "partition=zipf"])
+        load_config(
+            None,
+            [
+                "lora.rnk=3",
+                "agents=0",
+                "algorithm=decaff",
+                "rounds=abc",
+                "topology=moon",
+                "optim.lr=-1",
+                "lora.dropout=1.5",
+                "partition=zipf",
+            ],
+        )
     problems = info.value.problems
     expected = [
         "unknown field 'lora.rnk'; did you mean 'lora.rank'?",
@@ -49,9 +89,15 @@ def test_every_problem_is_reported_at_once_one_sentence_each():
     "override, message",
     [
         ("agents", "is not of the form key=value"),
-        ("algorithm_options={split: half}", "algorithm_options.split='half' is not known; choose one of: all-into-b, balanced"),
+        (
+            "algorithm_options={split: half}",
+            "algorithm_options.split='half' is not known; choose one of: all-into-b, balanced",
+        ),
         ("device=tpu", "device='tpu' is not known; use cpu, cuda, cuda:N or auto."),
-        ("optim.state_after_mix=sometimes", "optim.state_after_mix='sometimes' is not known; choose one of: keep, reset."),
+        (
+            "optim.state_after_mix=sometimes",
+            "optim.state_after_mix='sometimes' is not known; choose one of: keep, reset.",
+        ),
         ("task.kind=speech", "task.kind='speech' is not known; choose one of: causal_lm, clip, text."),
         ("topology.link_drop=1", "topology.link_drop=1.0 is invalid; use a probability in [0, 1)."),
         ("partition=natural", "partition.scheme=natural needs partition.key"),
@@ -93,5 +139,11 @@ def test_every_field_has_help_text():
     rows = field_help()
     assert len(rows) > 30
     assert all(help_text for _, help_text, _ in rows)
-    assert {name for name, _, _ in rows} >= {"agents", "lora.rank", "partition.alpha", "optim.state_after_mix", "task.model"}
+    assert {name for name, _, _ in rows} >= {
+        "agents",
+        "lora.rank",
+        "partition.alpha",
+        "optim.state_after_mix",
+        "task.model",
+    }
     assert isinstance(RunConfig().lora.targets, list)

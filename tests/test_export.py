@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from decaf_lora.adapters import agent_state, consensus_state
-from decaf_lora.engine import Simulation
 from decaf_lora.config import load_config
+from decaf_lora.engine import Simulation
 from decaf_lora.errors import DecafError
 from decaf_lora.export import export_adapter
 
@@ -18,7 +18,9 @@ def finished_run(tiny_bert_dir, tmp_path_factory):
     from conftest import tiny_text_overrides
 
     out = tmp_path_factory.mktemp("runs")
-    cfg = load_config(None, tiny_text_overrides(tiny_bert_dir, str(out), rounds=2, **{"lora.rank": 3, "lora.alpha": 12}))
+    cfg = load_config(
+        None, tiny_text_overrides(tiny_bert_dir, str(out), rounds=2, **{"lora.rank": 3, "lora.alpha": 12})
+    )
     sim = Simulation(cfg, progress=False)
     sim.run()
     return sim
@@ -65,7 +67,9 @@ def test_consensus_export_is_the_best_fit_of_the_mean_product(finished_run, tmp_
         mean = (sim.states.B[l] @ sim.states.A[l]).mean(0)
         U, S, Vh = torch.linalg.svd(mean.double())
         best = (U[:, :3] * S[:3]) @ Vh[:3]
-        torch.testing.assert_close((cons[f"{layer.name}.lora_B"] @ cons[f"{layer.name}.lora_A"]).double(), best, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            (cons[f"{layer.name}.lora_B"] @ cons[f"{layer.name}.lora_A"]).double(), best, atol=1e-5, rtol=1e-4
+        )
     out = export_adapter(sim.run_dir, str(tmp_path / "consensus"))
     loaded = PeftModel.from_pretrained(sim.task.build_model(seed=sim.cfg.seed), out)
     assert torch.isfinite(logits_of(loaded, sim)).all()

@@ -46,8 +46,12 @@ def test_matches_dense_float64_svd(gen, method, lead, m, d, r, k, rank):
     torch.testing.assert_close((t.U * t.S[..., None, :]) @ t.Vh, best, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(t.tail, torch.linalg.vector_norm(S_ref[..., rank:], dim=-1), rtol=1e-8, atol=1e-9)
     eye = torch.eye(rank, dtype=torch.float64)
-    torch.testing.assert_close(t.U.transpose(-2, -1) @ t.U, eye.expand_as(t.U.transpose(-2, -1) @ t.U), atol=1e-10, rtol=0)
-    torch.testing.assert_close(t.Vh @ t.Vh.transpose(-2, -1), eye.expand_as(t.Vh @ t.Vh.transpose(-2, -1)), atol=1e-10, rtol=0)
+    torch.testing.assert_close(
+        t.U.transpose(-2, -1) @ t.U, eye.expand_as(t.U.transpose(-2, -1) @ t.U), atol=1e-10, rtol=0
+    )
+    torch.testing.assert_close(
+        t.Vh @ t.Vh.transpose(-2, -1), eye.expand_as(t.Vh @ t.Vh.transpose(-2, -1)), atol=1e-10, rtol=0
+    )
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -167,7 +171,9 @@ def test_unknown_method():
 
 def svd_refactor(B_old, A_old, policy="all-into-b"):
     """What DeCAF does to a lone agent: the same product, a fresh SVD basis."""
-    t = truncated_svd_of_sum(B_old[..., None, :, :], A_old[..., None, :, :], torch.ones(1, dtype=B_old.dtype), B_old.shape[-1])
+    t = truncated_svd_of_sum(
+        B_old[..., None, :, :], A_old[..., None, :, :], torch.ones(1, dtype=B_old.dtype), B_old.shape[-1]
+    )
     return split_factors(t.U, t.S, t.Vh, policy)
 
 
@@ -202,7 +208,9 @@ def test_procrustes_regauge_never_does_worse_than_no_gauge(gen):
     torch.testing.assert_close(B_g @ A_g, B_new @ A_new, atol=1e-11, rtol=0)
 
     def misfit(B, A):
-        return (B - B_old).pow(2).sum((-2, -1)) / B_old.pow(2).sum((-2, -1)) + (A - A_old).pow(2).sum((-2, -1)) / A_old.pow(2).sum((-2, -1))
+        return (B - B_old).pow(2).sum((-2, -1)) / B_old.pow(2).sum((-2, -1)) + (A - A_old).pow(2).sum(
+            (-2, -1)
+        ) / A_old.pow(2).sum((-2, -1))
 
     assert (misfit(B_g, A_g) <= misfit(B_new, A_new) + 1e-12).all()
     assert misfit(B_g, A_g).sum() < 0.5 * misfit(B_new, A_new).sum()

@@ -17,7 +17,6 @@ import synthetic  # noqa: E402
 from conftest import TinyMLP  # noqa: E402
 from shadow import ShadowConsensusSimulation, fro_of_product  # noqa: E402
 
-from decaf_lora import algorithms  # noqa: E402
 from decaf_lora.config import load_config  # noqa: E402
 from decaf_lora.tasks import ModuleTask  # noqa: E402
 
@@ -27,7 +26,9 @@ def test_the_plan_covers_every_cell_once_and_puts_seed_0_first():
     keys = [r.key for r in runs]
     assert len(keys) == len(set(keys))
     grid = [r for r in runs if r.group == "grid"]
-    assert len(grid) == len(study.SEEDS) * len(study.PARTITIONS) * (len(study.TOPOLOGIES) * len(study.GOSSIP) + len(study.NO_GRAPH))
+    assert len(grid) == len(study.SEEDS) * len(study.PARTITIONS) * (
+        len(study.TOPOLOGIES) * len(study.GOSSIP) + len(study.NO_GRAPH)
+    )
     first_seed_1 = next(i for i, r in enumerate(runs) if r.info.get("seed") == 1)
     assert all(r.info.get("seed") == 0 for r in runs[:first_seed_1])
     for r in runs:  # every planned config is valid
@@ -44,8 +45,16 @@ def test_fro_of_product_equals_the_dense_norm(gen):
 def test_shadow_logs_the_dense_difference_between_decaf_and_dlora_on_the_same_factors(gen, tmp_path, algo):
     x, y = torch.randn(120, 64, generator=gen), torch.randint(0, 10, (120,), generator=gen).numpy()
     task = ModuleTask(TinyMLP, x[40:], y[40:], x[:40], y[:40], targets=["fc1", "fc2"])
-    cfg = load_config({"agents": 4, "rounds": 1, "algorithm": algo, "lora": {"rank": 2}, "out_dir": str(tmp_path),
-                       "partition": {"scheme": "iid", "local_eval": 0}})
+    cfg = load_config(
+        {
+            "agents": 4,
+            "rounds": 1,
+            "algorithm": algo,
+            "lora": {"rank": 2},
+            "out_dir": str(tmp_path),
+            "partition": {"scheme": "iid", "local_eval": 0},
+        }
+    )
     sim = ShadowConsensusSimulation(cfg, task=task, progress=False, write=False)
     st = sim.states
     for A, B in zip(st.A, st.B):  # agents with different factors, as after local training
@@ -67,8 +76,12 @@ def test_shadow_logs_the_dense_difference_between_decaf_and_dlora_on_the_same_fa
 
 def test_synthetic_gradient_is_the_autograd_gradient_of_the_mean_loss(gen):
     shift = synthetic.problem(0)["shift"]
-    A = torch.randn(synthetic.AGENTS, synthetic.RANK, synthetic.K, generator=gen, dtype=torch.float64, requires_grad=True)
-    B = torch.randn(synthetic.AGENTS, synthetic.D, synthetic.RANK, generator=gen, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(
+        synthetic.AGENTS, synthetic.RANK, synthetic.K, generator=gen, dtype=torch.float64, requires_grad=True
+    )
+    B = torch.randn(
+        synthetic.AGENTS, synthetic.D, synthetic.RANK, generator=gen, dtype=torch.float64, requires_grad=True
+    )
     # F(A_i, B_i) = mean_j ||B_i A_i - D_j||_F^2 / 2 for each agent i's own factors
     F = sum(((B[i] @ A[i] - shift) ** 2).sum() / 2 / synthetic.AGENTS for i in range(synthetic.AGENTS))
     gA, gB = torch.autograd.grad(F, (A, B))
@@ -80,20 +93,45 @@ def test_synthetic_gradient_is_the_autograd_gradient_of_the_mean_loss(gen):
 def record(key, group, algo, acc, **info):
     rounds = [1, 2]
     ratio = {"mean": 0.01, "max": 0.02} if algo == "decaf" else None
-    series = {k: [ratio, ratio] for k in ("tsvd_tail", "tsvd_tail_bound", "tsvd_tail_ratio", "factor_norm_c", "shadow_dlora_gap",
-                                          "shadow_dlora_gap_relative", "shadow_dlora_interference", "shadow_decaf_truncation")}
+    series = {
+        k: [ratio, ratio]
+        for k in (
+            "tsvd_tail",
+            "tsvd_tail_bound",
+            "tsvd_tail_ratio",
+            "factor_norm_c",
+            "shadow_dlora_gap",
+            "shadow_dlora_gap_relative",
+            "shadow_dlora_interference",
+            "shadow_decaf_truncation",
+        )
+    }
     series["consensus_distance"] = [{"mean": 1.0, "max": 1.0}, {"mean": 0.5, "max": 0.5}]
     series["train_loss"] = [{"mean": 1.0, "max": 1.0}] * 2
-    return {"key": key, "group": group, "algorithm": algo, "final_accuracy": acc, "final_f1": acc, "majority_rate": 0.45,
-            "spectral_gap": 0.2, "wall_seconds": 1.0, "bytes_sent_per_agent": 1.0, "rounds": rounds, "per_round": series, **info}
+    return {
+        "key": key,
+        "group": group,
+        "algorithm": algo,
+        "final_accuracy": acc,
+        "final_f1": acc,
+        "majority_rate": 0.45,
+        "spectral_gap": 0.2,
+        "wall_seconds": 1.0,
+        "bytes_sent_per_agent": 1.0,
+        "rounds": rounds,
+        "per_round": series,
+        **info,
+    }
 
 
 def test_report_computes_gaps_and_verdicts_from_the_records(tmp_path, monkeypatch):
     import report
 
-    runs = [record("a", "grid", "decaf", [0.6, 0.7], topology="ring", partition="iid", seed=0),
-            record("b", "grid", "dlora", [0.5, 0.5], topology="ring", partition="iid", seed=0),
-            record("c", "grid", "local", [0.4, 0.4], topology="any", partition="iid", seed=0)]
+    runs = [
+        record("a", "grid", "decaf", [0.6, 0.7], topology="ring", partition="iid", seed=0),
+        record("b", "grid", "dlora", [0.5, 0.5], topology="ring", partition="iid", seed=0),
+        record("c", "grid", "local", [0.4, 0.4], topology="any", partition="iid", seed=0),
+    ]
     monkeypatch.setattr(report, "DOC", str(tmp_path / "reproduction.md"))
     monkeypatch.setattr(report, "FIG_DIR", str(tmp_path / "figures"))
     text = report.write(runs, None)

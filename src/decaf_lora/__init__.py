@@ -16,6 +16,20 @@ from .topology import Topology
 
 __version__ = "0.1.0"
 __all__ = [
-    "algorithms", "lowrank", "partition", "topology", "DecafError", "ConfigError", "RunConfig", "RunResult", "load_config", "run", "Topology", "Partition", "make_partition",
-    "truncated_svd_of_sum", "split_factors", "__version__",
+    "algorithms",
+    "lowrank",
+    "partition",
+    "topology",
+    "DecafError",
+    "ConfigError",
+    "RunConfig",
+    "RunResult",
+    "load_config",
+    "run",
+    "Topology",
+    "Partition",
+    "make_partition",
+    "truncated_svd_of_sum",
+    "split_factors",
+    "__version__",
 ]

@@ -53,12 +53,31 @@ def attach_lora(
     unknown = [t for t in targets if t not in leaf and not any(n.endswith("." + t) or n == t for n in names)]
     if unknown:
         examples = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ConfigError([f"lora.targets={unknown} matches no module of {type(model).__name__}; its linear layers include: {', '.join(examples[:12])}."])
+        raise ConfigError(
+            [
+                f"lora.targets={unknown} matches no module of {type(model).__name__}; its linear layers include: {', '.join(examples[:12])}."
+            ]
+        )
     for n, m in model.named_modules():
-        if any(n == t or n.endswith("." + t) for t in targets) and isinstance(m, nn.Linear) and rank > min(m.in_features, m.out_features):
-            raise ConfigError([f"lora.rank={rank} exceeds the size of {n} ({m.out_features} x {m.in_features}); use lora.rank <= {min(m.in_features, m.out_features)}."])
+        if (
+            any(n == t or n.endswith("." + t) for t in targets)
+            and isinstance(m, nn.Linear)
+            and rank > min(m.in_features, m.out_features)
+        ):
+            raise ConfigError(
+                [
+                    f"lora.rank={rank} exceeds the size of {n} ({m.out_features} x {m.in_features}); use lora.rank <= {min(m.in_features, m.out_features)}."
+                ]
+            )
     save = [m for m in modules_to_save if m in leaf]
-    cfg = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, use_rslora=rslora, modules_to_save=save or None)
+    cfg = peft.LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        use_rslora=rslora,
+        modules_to_save=save or None,
+    )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return peft.get_peft_model(model, cfg)
@@ -70,13 +89,21 @@ def adapted_layers(peft_model: nn.Module) -> list[AdaptedLayer]:
     out = []
     for name, module in peft_model.named_modules():
         if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
-            out.append(AdaptedLayer(name, module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight, float(module.scaling[ADAPTER])))
+            out.append(
+                AdaptedLayer(
+                    name, module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight, float(module.scaling[ADAPTER])
+                )
+            )
     return out
 
 
 def head_parameters(peft_model: nn.Module) -> dict[str, nn.Parameter]:
     """Trainable parameters that are not LoRA factors (e.g. the classifier in ``modules_to_save``)."""
-    return {n: p for n, p in peft_model.named_parameters() if p.requires_grad and ".lora_A." not in n and ".lora_B." not in n}
+    return {
+        n: p
+        for n, p in peft_model.named_parameters()
+        if p.requires_grad and ".lora_A." not in n and ".lora_B." not in n
+    }
 
 
 class AgentStates:
@@ -180,7 +207,9 @@ def agent_state(states_dict: dict[str, torch.Tensor], agent: int) -> dict[str, t
     return {k: v[agent] for k, v in states_dict.items()}
 
 
-def save_peft_adapter(peft_model: nn.Module, single_state: dict[str, torch.Tensor], out_dir: str, base_model_path: str | None = None) -> str:
+def save_peft_adapter(
+    peft_model: nn.Module, single_state: dict[str, torch.Tensor], out_dir: str, base_model_path: str | None = None
+) -> str:
     """Load one adapter (unstacked state) into ``peft_model`` and write a PEFT adapter directory atomically.
 
     The directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` and loads with

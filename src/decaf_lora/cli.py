@@ -77,13 +77,27 @@ def format_topology(summary: dict) -> str:
 @click.argument("name", metavar="NAME")
 @click.option("--agents", "-n", type=int, default=None, help="Number of agents (optional for an edge-list file).")
 @click.option("--mixing", default="metropolis", show_default=True, help=f"Mixing rule: {', '.join(RULES)}.")
-@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Graph parameter, e.g. hubs=2, p=0.3, k=4, seed=1, rows=2.")
-@click.option("--edges", type=click.Path(dir_okay=False), default=None, help="Edge-list file for NAME=edges (one 'i j' per line).")
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Graph parameter, e.g. hubs=2, p=0.3, k=4, seed=1, rows=2.",
+)
+@click.option(
+    "--edges", type=click.Path(dir_okay=False), default=None, help="Edge-list file for NAME=edges (one 'i j' per line)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of text.")
-def topology(name: str, agents: int | None, mixing: str, params: tuple[str, ...], edges: str | None, as_json: bool) -> None:
-    """Print a topology's mixing matrix, degrees and spectral gap.
+def topology(
+    name: str, agents: int | None, mixing: str, params: tuple[str, ...], edges: str | None, as_json: bool
+) -> None:
+    (
+        """Print a topology's mixing matrix, degrees and spectral gap.
 
-    NAME is one of: """ + ", ".join(GRAPHS) + "."
+    NAME is one of: """
+        + ", ".join(GRAPHS)
+        + "."
+    )
     kwargs = _parse_params(params)
     if edges is not None:
         kwargs["edges"] = edges
@@ -112,7 +126,9 @@ def _print_config_help() -> None:
 @click.argument("args", nargs=-1)
 @click.option("--help-config", is_flag=True, help="List every config field with its help text and default, then exit.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@click.option("--resume", "resume_dir", type=click.Path(), default=None, help="Continue RUN_DIR from its last finished round.")
+@click.option(
+    "--resume", "resume_dir", type=click.Path(), default=None, help="Continue RUN_DIR from its last finished round."
+)
 def run(args: tuple[str, ...], help_config: bool, quiet: bool, resume_dir: str | None) -> None:
     """Train: decaf run [CONFIG.yaml] [key=value ...].
 
@@ -132,7 +148,9 @@ def run(args: tuple[str, ...], help_config: bool, quiet: bool, resume_dir: str |
     path, overrides = _split_config_args(args)
     if resume_dir is not None:
         if path is not None:
-            raise DecafError(f"--resume takes its config from {resume_dir!r}; drop the config file {path!r} (overrides that restate it are fine).")
+            raise DecafError(
+                f"--resume takes its config from {resume_dir!r}; drop the config file {path!r} (overrides that restate it are fine)."
+            )
         show(resume(resume_dir, overrides, progress=not quiet).run_dir)
         return
     cfg = load_config(path, overrides)
@@ -151,8 +169,16 @@ def run(args: tuple[str, ...], help_config: bool, quiet: bool, resume_dir: str |
 
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1)
-@click.option("--algorithms", "algos", default="decaf,dlora,dlora-fa,local,fedavg", show_default=True, help="Comma-separated methods.")
-@click.option("--seeds", type=int, default=1, show_default=True, help="Training seeds per method (the data split stays fixed).")
+@click.option(
+    "--algorithms",
+    "algos",
+    default="decaf,dlora,dlora-fa,local,fedavg",
+    show_default=True,
+    help="Comma-separated methods.",
+)
+@click.option(
+    "--seeds", type=int, default=1, show_default=True, help="Training seeds per method (the data split stays fixed)."
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def compare(args: tuple[str, ...], algos: str, seeds: int, quiet: bool) -> None:
     """Run several methods on one config: same data split, same initialization per seed; one table and one plot."""
@@ -167,8 +193,16 @@ def compare(args: tuple[str, ...], algos: str, seeds: int, quiet: bool) -> None:
 @main.command()
 @click.argument("run_dir", type=click.Path())
 @click.option("--agent", type=int, default=None, help="Export this agent's adapter.")
-@click.option("--consensus", is_flag=True, help="Export the network's consensus: the best rank-r fit of the mean product.")
-@click.option("--out", "out_dir", required=True, type=click.Path(), help="Directory to write (adapter_config.json + adapter_model.safetensors).")
+@click.option(
+    "--consensus", is_flag=True, help="Export the network's consensus: the best rank-r fit of the mean product."
+)
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(),
+    help="Directory to write (adapter_config.json + adapter_model.safetensors).",
+)
 def export(run_dir: str, agent: int | None, consensus: bool, out_dir: str) -> None:
     """Write a PEFT adapter directory that PeftModel.from_pretrained loads."""
     from .export import export_adapter

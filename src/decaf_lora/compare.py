@@ -21,7 +21,9 @@ def run_comparison(path: str | None, overrides: list[str], algos: list[str], see
     problems = []
     for a in algos:
         if a.strip().lower().replace("_", "-") not in algorithms.available():
-            problems.append(f"--algorithms names {a!r}, which is not known; choose from: {', '.join(algorithms.available())}.")
+            problems.append(
+                f"--algorithms names {a!r}, which is not known; choose from: {', '.join(algorithms.available())}."
+            )
     if problems:
         raise ConfigError(problems)
     base = load_config(path, overrides)  # validates once, before any training
@@ -32,13 +34,18 @@ def run_comparison(path: str | None, overrides: list[str], algos: list[str], see
         for algo in algos:
             # the base config's algorithm options belong to its own algorithm only
             extra = [] if algo == base.algorithm else ["algorithm_options={}"]
-            cfg = load_config(path, [*overrides, f"algorithm={algo}", f"seed={base.seed + seed}", f"out_dir={out_dir}", *extra])
+            cfg = load_config(
+                path, [*overrides, f"algorithm={algo}", f"seed={base.seed + seed}", f"out_dir={out_dir}", *extra]
+            )
             sim = Simulation(cfg, progress=progress)
             res = sim.run()
             summaries.append(res.summary)
             dirs.setdefault(res.summary["algorithm"], []).append(res.run_dir)
     table = compare_table(summaries)
-    write_text(os.path.join(out_dir, "compare.md"), f"# {base.name}: comparison over {seeds} seed(s)\n\n{table}\n\n![accuracy](compare.png)\n")
+    write_text(
+        os.path.join(out_dir, "compare.md"),
+        f"# {base.name}: comparison over {seeds} seed(s)\n\n{table}\n\n![accuracy](compare.png)\n",
+    )
     write_json(os.path.join(out_dir, "compare.json"), {"summaries": summaries, "runs": dirs})
     plot_compare(dirs, os.path.join(out_dir, "compare.png"))
     return {"dir": out_dir, "table": table, "summaries": summaries}

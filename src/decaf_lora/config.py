@@ -35,7 +35,10 @@ def _f(default, help: str, **kw):  # noqa: A002 - 'help' reads best at the call 
 
 @dataclass
 class TopologyConfig:
-    name: str = _f("ring", "communication graph: ring, complete, torus, grid, star, bipartite, exponential, erdos_renyi, small_world, edges")
+    name: str = _f(
+        "ring",
+        "communication graph: ring, complete, torus, grid, star, bipartite, exponential, erdos_renyi, small_world, edges",
+    )
     mixing: str = _f("metropolis", "mixing rule: metropolis, uniform, max-degree, lazy")
     schedule: str = _f("static", "per-round graph: static, one_peer_exponential, random_matching, link_failures")
     link_drop: float = _f(0.0, "probability that a link fails in a round (schedule=link_failures)")
@@ -68,14 +71,21 @@ class OptimConfig:
     min_lr: float = _f(0.0, "learning rate at the end of the cosine schedule")
     warmup_steps: int = _f(0, "linear warm-up steps before the cosine decay")
     grad_clip: float = _f(1.0, "clip each agent's gradient norm to this (0 = off)")
-    state_after_mix: str = _f("reset", "AdamW moments after each mixing step: reset (they refer to the old basis) or keep")
+    state_after_mix: str = _f(
+        "reset", "AdamW moments after each mixing step: reset (they refer to the old basis) or keep"
+    )
 
 
 @dataclass
 class TaskConfig:
     kind: str = _f("text", "task: text (sequence classification), clip (few-shot image classification), causal_lm")
-    model: str = _f("minilm", "base model: minilm (pip-shipped all-MiniLM-L6-v2; for causal_lm it means random-tiny-llama), random-tiny-clip, random-tiny-llama, a local directory or a hub name")
-    dataset: str = _f("tweets", "data: tweets (38k labelled tweets), digits, mnist, a .csv/.jsonl file, an image folder, or hf:NAME")
+    model: str = _f(
+        "minilm",
+        "base model: minilm (pip-shipped all-MiniLM-L6-v2; for causal_lm it means random-tiny-llama), random-tiny-clip, random-tiny-llama, a local directory or a hub name",
+    )
+    dataset: str = _f(
+        "tweets", "data: tweets (38k labelled tweets), digits, mnist, a .csv/.jsonl file, an image folder, or hf:NAME"
+    )
     text_column: str = _f("text", "column with the input text (csv/jsonl); several columns joined: passage,question")
     label_column: str = _f("label", "column with the label (csv/jsonl)")
     max_length: int = _f(32, "tokens per example after truncation")
@@ -84,8 +94,13 @@ class TaskConfig:
     batch_size: int = _f(16, "local mini-batch size")
     eval_batch_size: int = _f(128, "batch size for evaluation")
     shots: int = _f(0, "few-shot: training examples per class per agent (0 = use train_examples)")
-    dtype: str = _f("float32", "weights of a pretrained base model: float32, bfloat16 or float16 (LoRA factors and their mixing stay float32)")
-    label_names: list = _f([], "words for the classes in sorted label order, e.g. [no, yes] (used by clip prompts and causal_lm answers)")
+    dtype: str = _f(
+        "float32",
+        "weights of a pretrained base model: float32, bfloat16 or float16 (LoRA factors and their mixing stay float32)",
+    )
+    label_names: list = _f(
+        [], "words for the classes in sorted label order, e.g. [no, yes] (used by clip prompts and causal_lm answers)"
+    )
 
 
 @dataclass
@@ -95,9 +110,18 @@ class FaultsConfig:
     poison_agent: int = _f(-1, "for testing defences: this agent sends broken payloads (-1 = nobody)")
     poison: str = _f("nan", "what the poisoned agent sends: nan, shape (a wrong shape) or scale (huge values)")
     max_norm: float = _f(1e4, "reject a received factor whose Frobenius norm exceeds this (0 = no bound)")
-    timeout: float = _f(300.0, "engine=distributed: seconds a process waits for a neighbour's process at the exchange; a late one is left out of that round's mix (weights renormalized, logged as timed_out)")
-    collective_timeout: float = _f(1800.0, "engine=distributed: seconds before a process that never joins the round's collectives (metrics, checkpoint) fails the job; torchrun --max-restarts then resumes it")
-    slow_rank: int = _f(-1, "for testing timeouts (engine=distributed): this process sleeps slow_seconds before the exchange (-1 = none)")
+    timeout: float = _f(
+        300.0,
+        "engine=distributed: seconds a process waits for a neighbour's process at the exchange; a late one is left out of that round's mix (weights renormalized, logged as timed_out)",
+    )
+    collective_timeout: float = _f(
+        1800.0,
+        "engine=distributed: seconds before a process that never joins the round's collectives (metrics, checkpoint) fails the job; torchrun --max-restarts then resumes it",
+    )
+    slow_rank: int = _f(
+        -1,
+        "for testing timeouts (engine=distributed): this process sleeps slow_seconds before the exchange (-1 = none)",
+    )
     slow_seconds: float = _f(0.0, "how long the slow process sleeps")
     slow_rounds: list = _f([], "rounds (1-based, as in the metrics) in which it is slow; empty = every round")
 
@@ -173,7 +197,14 @@ def _coerce(path: str, value: Any, typ: type, problems: list[str]) -> Any:
         dict: isinstance(value, dict),
     }[typ]
     if not ok:
-        kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list", dict: "a mapping"}[typ]
+        kind = {
+            int: "an integer",
+            float: "a number",
+            bool: "true or false",
+            str: "a string",
+            list: "a list",
+            dict: "a mapping",
+        }[typ]
         problems.append(f"{path}={value!r} has the wrong type; it must be {kind}.")
         return None
     if typ is float:
@@ -195,7 +226,9 @@ def _apply(cfg: RunConfig, data: dict, problems: list[str], origin: str) -> None
             continue
         if parts[0] in sections and len(parts) == 1:
             if parts[0] not in SECTION_SHORTCUTS:
-                problems.append(f"{origin} sets '{parts[0]}', which is a section; set its fields, e.g. {_leaf_names_of(parts[0])[0]}=...")
+                problems.append(
+                    f"{origin} sets '{parts[0]}', which is a section; set its fields, e.g. {_leaf_names_of(parts[0])[0]}=..."
+                )
                 continue
             parts = [parts[0], SECTION_SHORTCUTS[parts[0]]]
         dotted = ".".join(parts)
@@ -225,7 +258,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: str | dict | None = None, overrides: list[str] | tuple[str, ...] = (), validate: bool = True) -> RunConfig:
+def load_config(
+    path: str | dict | None = None, overrides: list[str] | tuple[str, ...] = (), validate: bool = True
+) -> RunConfig:
     """Defaults, then the YAML file or mapping (if any), then overrides; every problem reported at once."""
     cfg = RunConfig()
     problems: list[str] = []
@@ -242,7 +277,9 @@ def load_config(path: str | dict | None = None, overrides: list[str] | tuple[str
             where = f" at line {mark.line + 1}" if mark else ""
             raise ConfigError([f"config file {path!r} is not valid YAML{where}; fix the syntax."]) from None
         if not isinstance(data, dict):
-            raise ConfigError([f"config file {path!r} must hold a mapping of fields (key: value), not {type(data).__name__}."])
+            raise ConfigError(
+                [f"config file {path!r} must hold a mapping of fields (key: value), not {type(data).__name__}."]
+            )
         _apply(cfg, data, problems, f"config file {os.path.basename(path)}")
     for text in overrides:
         try:
@@ -299,7 +336,11 @@ def validate_config(cfg: RunConfig) -> RunConfig:
         p.append(f"optim.lr={cfg.optim.lr} is invalid; use a positive learning rate such as 1e-3.")
     elif cfg.optim.min_lr < 0 or cfg.optim.min_lr > cfg.optim.lr:
         p.append(f"optim.min_lr={cfg.optim.min_lr} is invalid; use a value from 0 to optim.lr={cfg.optim.lr}.")
-    for name, value in (("optim.weight_decay", cfg.optim.weight_decay), ("optim.grad_clip", cfg.optim.grad_clip), ("lora.alpha", cfg.lora.alpha)):
+    for name, value in (
+        ("optim.weight_decay", cfg.optim.weight_decay),
+        ("optim.grad_clip", cfg.optim.grad_clip),
+        ("lora.alpha", cfg.lora.alpha),
+    ):
         if value < 0:
             p.append(f"{name}={value} is invalid; use a value >= 0.")
     if not 0 <= cfg.lora.dropout < 1:
@@ -312,32 +353,47 @@ def validate_config(cfg: RunConfig) -> RunConfig:
         if not 0 <= value < 1:
             p.append(f"{name}={value} is invalid; use a probability in [0, 1).")
     if not -1 <= cfg.faults.poison_agent < cfg.agents:
-        p.append(f"faults.poison_agent={cfg.faults.poison_agent} is out of range; use -1 (nobody) or an agent from 0 to {cfg.agents - 1}.")
+        p.append(
+            f"faults.poison_agent={cfg.faults.poison_agent} is out of range; use -1 (nobody) or an agent from 0 to {cfg.agents - 1}."
+        )
     _choice(p, "faults.poison", cfg.faults.poison, {"nan", "shape", "scale"})
     if cfg.faults.max_norm < 0:
         p.append(f"faults.max_norm={cfg.faults.max_norm} is invalid; use a positive bound, or 0 for none.")
     if not cfg.partition.alpha > 0:
-        p.append(f"partition.alpha={cfg.partition.alpha} is invalid; use a positive number (0.1 skewed, 100 nearly IID).")
+        p.append(
+            f"partition.alpha={cfg.partition.alpha} is invalid; use a positive number (0.1 skewed, 100 nearly IID)."
+        )
     _choice(p, "algorithm", cfg.algorithm.strip().lower().replace("_", "-"), algorithms.available())
     _choice(p, "topology.name", cfg.topology.name.strip().lower().replace("-", "_"), set(GRAPHS) | set(GRAPH_ALIASES))
-    _choice(p, "topology.mixing", cfg.topology.mixing.strip().lower().replace("_", "-"), set(RULES) | {"max_degree", "mh"})
+    _choice(
+        p, "topology.mixing", cfg.topology.mixing.strip().lower().replace("_", "-"), set(RULES) | {"max_degree", "mh"}
+    )
     _choice(p, "topology.schedule", cfg.topology.schedule.strip().lower().replace("-", "_"), SCHEDULES)
     _choice(p, "partition.scheme", cfg.partition.scheme.strip().lower().replace("-", "_"), SCHEMES)
     _choice(p, "optim.state_after_mix", cfg.optim.state_after_mix, {"reset", "keep"})
     _choice(p, "task.kind", cfg.task.kind, {"text", "clip", "causal_lm"})
     _choice(p, "task.dtype", cfg.task.dtype, {"float32", "bfloat16", "float16"})
     _choice(p, "engine", cfg.engine, {"simulation", "distributed"})
-    for name, value in (("faults.timeout", cfg.faults.timeout), ("faults.collective_timeout", cfg.faults.collective_timeout)):
+    for name, value in (
+        ("faults.timeout", cfg.faults.timeout),
+        ("faults.collective_timeout", cfg.faults.collective_timeout),
+    ):
         if not value > 0:
             p.append(f"{name}={value} is invalid; use a positive number of seconds.")
     if cfg.faults.slow_rank < -1:
         p.append(f"faults.slow_rank={cfg.faults.slow_rank} is invalid; use -1 (none) or a process rank.")
     elif cfg.faults.slow_rank >= 0 and cfg.engine != "distributed":
-        p.append(f"faults.slow_rank={cfg.faults.slow_rank} delays a torchrun process; use it with engine=distributed, or set it to -1.")
+        p.append(
+            f"faults.slow_rank={cfg.faults.slow_rank} delays a torchrun process; use it with engine=distributed, or set it to -1."
+        )
     if not cfg.faults.slow_seconds >= 0:
         p.append(f"faults.slow_seconds={cfg.faults.slow_seconds} is invalid; use 0 or more seconds.")
-    if not isinstance(cfg.faults.slow_rounds, list) or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in cfg.faults.slow_rounds):
-        p.append(f"faults.slow_rounds={cfg.faults.slow_rounds!r} is invalid; use a list of rounds counted from 1, e.g. [2, 3], or [] for every round.")
+    if not isinstance(cfg.faults.slow_rounds, list) or not all(
+        isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in cfg.faults.slow_rounds
+    ):
+        p.append(
+            f"faults.slow_rounds={cfg.faults.slow_rounds!r} is invalid; use a list of rounds counted from 1, e.g. [2, 3], or [] for every round."
+        )
     if cfg.partition.scheme == "natural" and not cfg.partition.key:
         p.append("partition.scheme=natural needs partition.key, the column holding the natural key (e.g. user).")
     opts = cfg.algorithm_options

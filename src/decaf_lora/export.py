@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .adapters import agent_state, attach_lora, AgentStates, consensus_state, save_peft_adapter
+from .adapters import AgentStates, agent_state, attach_lora, consensus_state, save_peft_adapter
 from .config import load_config
 from .errors import DecafError
 from .rundir import check_run_dir, load_tensors
@@ -19,7 +19,16 @@ def rebuild_model(run_dir: str):
     task = build_task(cfg)
     base = task.build_model(seed=cfg.seed)
     targets = cfg.lora.targets or list(task.default_targets)
-    model = attach_lora(base, targets, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.rslora, task.head_modules, seed=cfg.seed)
+    model = attach_lora(
+        base,
+        targets,
+        cfg.lora.rank,
+        cfg.lora.alpha,
+        cfg.lora.dropout,
+        cfg.lora.rslora,
+        task.head_modules,
+        seed=cfg.seed,
+    )
     return cfg, task, model
 
 

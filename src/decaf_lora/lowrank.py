@@ -56,15 +56,21 @@ def _stack(B: torch.Tensor, A: torch.Tensor, weights) -> tuple[torch.Tensor, tor
     if not isinstance(B, torch.Tensor) or not isinstance(A, torch.Tensor):
         raise ShapeError("B and A must be torch tensors of shapes (..., m, d, r) and (..., m, r, k).")
     if B.ndim < 3 or A.ndim != B.ndim:
-        raise ShapeError(f"B has shape {tuple(B.shape)} and A has shape {tuple(A.shape)}; use B (..., m, d, r) and A (..., m, r, k) with the same leading dims.")
+        raise ShapeError(
+            f"B has shape {tuple(B.shape)} and A has shape {tuple(A.shape)}; use B (..., m, d, r) and A (..., m, r, k) with the same leading dims."
+        )
     if B.shape[:-2] != A.shape[:-2] or B.shape[-1] != A.shape[-2]:
-        raise ShapeError(f"B {tuple(B.shape)} and A {tuple(A.shape)} do not fit: need B (..., m, d, r) and A (..., m, r, k) with equal '...', m and r.")
+        raise ShapeError(
+            f"B {tuple(B.shape)} and A {tuple(A.shape)} do not fit: need B (..., m, d, r) and A (..., m, r, k) with equal '...', m and r."
+        )
     if not (B.is_floating_point() and A.is_floating_point()):
         raise ShapeError(f"B and A must be floating point, got {B.dtype} and {A.dtype}.")
     weights = torch.as_tensor(weights, device=B.device)
     m = B.shape[-3]
     if weights.ndim == 0 or weights.shape[-1] != m:
-        raise ShapeError(f"weights has shape {tuple(weights.shape)}; it must end in m={m} (one weight per stacked factor pair).")
+        raise ShapeError(
+            f"weights has shape {tuple(weights.shape)}; it must end in m={m} (one weight per stacked factor pair)."
+        )
     dtype = compute_dtype_for(B, A)
     w = weights.to(dtype)
     # Both stacks come out column-major (a transposed view of a contiguous tensor): LAPACK's layout, so geqrf
@@ -148,11 +154,16 @@ def truncated_svd_of_sum(B: torch.Tensor, A: torch.Tensor, weights, rank: int, *
         U, S, V = _factored_svd(P, Qt, rank, how)
     tail = torch.linalg.vector_norm(S[..., rank:], dim=-1)
     return TruncatedSVD(
-        U.reshape(*lead, d, rank), S[..., :rank].reshape(*lead, rank), V.transpose(-2, -1).reshape(*lead, rank, k), tail.reshape(lead)
+        U.reshape(*lead, d, rank),
+        S[..., :rank].reshape(*lead, rank),
+        V.transpose(-2, -1).reshape(*lead, rank, k),
+        tail.reshape(lead),
     )
 
 
-def split_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, policy: str = "all-into-b") -> tuple[torch.Tensor, torch.Tensor]:
+def split_factors(
+    U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, policy: str = "all-into-b"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn ``U diag(S) Vh`` into LoRA factors ``(B, A)`` with ``B A = U diag(S) Vh``.
 
     ``all-into-b``: ``B = U S``, ``A = Vh`` (FlexLoRA's convention). A keeps orthonormal rows even where S is 0, so
@@ -182,7 +193,9 @@ def _procrustes(B_new, A_new, B_old, A_old) -> torch.Tensor:
     return X @ Yh
 
 
-def regauge(B_new, A_new, B_old, A_old, method: str = "procrustes", max_condition: float = 1e4) -> tuple[torch.Tensor, torch.Tensor]:
+def regauge(
+    B_new, A_new, B_old, A_old, method: str = "procrustes", max_condition: float = 1e4
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-express ``(B_new, A_new)`` as ``(B_new G, G^-1 A_new)``, close to the previous factors; ``B A`` is unchanged.
 
     An SVD returns its factors in a fresh basis (arbitrary signs and rotations within equal singular values), so
@@ -199,7 +212,9 @@ def regauge(B_new, A_new, B_old, A_old, method: str = "procrustes", max_conditio
     if method not in GAUGES:
         raise choice_error(ShapeError, "gauge", method, GAUGES)
     if B_new.shape != B_old.shape or A_new.shape != A_old.shape:
-        raise ShapeError(f"regauge needs new and old factors of equal shapes, got B {tuple(B_new.shape)} vs {tuple(B_old.shape)} and A {tuple(A_new.shape)} vs {tuple(A_old.shape)}.")
+        raise ShapeError(
+            f"regauge needs new and old factors of equal shapes, got B {tuple(B_new.shape)} vs {tuple(B_old.shape)} and A {tuple(A_new.shape)} vs {tuple(A_old.shape)}."
+        )
     dtype = compute_dtype_for(B_new, A_new, B_old, A_old)
     Bn, An, Bo, Ao = (t.to(dtype) for t in (B_new, A_new, B_old, A_old))
     R = _procrustes(Bn, An, Bo, Ao)

@@ -50,7 +50,9 @@ def _labels(labels: Sequence[int] | np.ndarray, n_agents: int) -> tuple[np.ndarr
     if isinstance(n_agents, bool) or not isinstance(n_agents, (int, np.integer)) or n_agents < 1:
         raise PartitionError(f"agents={n_agents!r} is invalid; use an integer >= 1.")
     if n_agents > y.size:
-        raise PartitionError(f"agents={n_agents} is more than the {y.size} examples; use at most {y.size} agents or more data.")
+        raise PartitionError(
+            f"agents={n_agents} is more than the {y.size} examples; use at most {y.size} agents or more data."
+        )
     return y.astype(np.int64), int(y.max()) + 1
 
 
@@ -67,7 +69,9 @@ def iid(labels, n_agents: int, seed: int = 0) -> Partition:
     return _finish("iid", np.array_split(rng.permutation(y.size), n_agents), y, c, rng)
 
 
-def dirichlet(labels, n_agents: int, alpha: float = 0.5, seed: int = 0, min_size: int = 1, max_tries: int = 1000) -> Partition:
+def dirichlet(
+    labels, n_agents: int, alpha: float = 0.5, seed: int = 0, min_size: int = 1, max_tries: int = 1000
+) -> Partition:
     """Label skew: each class is spread over agents by proportions drawn from Dirichlet(alpha).
 
     Small ``alpha`` (0.1) gives each agent a few dominant classes; large ``alpha`` (100) approaches IID. Draws are
@@ -75,9 +79,18 @@ def dirichlet(labels, n_agents: int, alpha: float = 0.5, seed: int = 0, min_size
     """
     y, c = _labels(labels, n_agents)
     if not isinstance(alpha, (int, float)) or not alpha > 0 or not np.isfinite(alpha):
-        raise PartitionError(f"alpha={alpha!r} is invalid; use a positive number (0.1 = strongly skewed, 100 = nearly IID).")
-    if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0 or min_size * n_agents > y.size:
-        raise PartitionError(f"min_size={min_size!r} is invalid for {y.size} examples over {n_agents} agents; use 0..{y.size // n_agents}.")
+        raise PartitionError(
+            f"alpha={alpha!r} is invalid; use a positive number (0.1 = strongly skewed, 100 = nearly IID)."
+        )
+    if (
+        isinstance(min_size, bool)
+        or not isinstance(min_size, (int, np.integer))
+        or min_size < 0
+        or min_size * n_agents > y.size
+    ):
+        raise PartitionError(
+            f"min_size={min_size!r} is invalid for {y.size} examples over {n_agents} agents; use 0..{y.size // n_agents}."
+        )
     rng = np.random.default_rng([seed, 1])
     by_class = [rng.permutation(np.nonzero(y == k)[0]) for k in range(c)]
     for _ in range(max_tries):
@@ -124,13 +137,15 @@ def shards(labels, n_agents: int, shards_per_agent: int = 2, seed: int = 0) -> P
     y, c = _labels(labels, n_agents)
     k = shards_per_agent
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 or n_agents * k > y.size:
-        raise PartitionError(f"shards_per_agent={k!r} is invalid for {y.size} examples over {n_agents} agents; use 1..{y.size // n_agents}.")
+        raise PartitionError(
+            f"shards_per_agent={k!r} is invalid for {y.size} examples over {n_agents} agents; use 1..{y.size // n_agents}."
+        )
     rng = np.random.default_rng([seed, 3])
     shuffled = rng.permutation(y.size)
     order = shuffled[np.argsort(y[shuffled], kind="stable")]
     pieces = np.array_split(order, n_agents * k)
     deal = rng.permutation(n_agents * k)
-    merged = [np.concatenate([pieces[s] for s in deal[a * k:(a + 1) * k]]) for a in range(n_agents)]
+    merged = [np.concatenate([pieces[s] for s in deal[a * k : (a + 1) * k]]) for a in range(n_agents)]
     return _finish("shards", merged, y, c, rng)
 
 
@@ -143,10 +158,14 @@ def natural(labels, n_agents: int, keys, seed: int = 0) -> Partition:
     y, c = _labels(labels, n_agents)
     keys = np.asarray(keys)
     if keys.shape != y.shape:
-        raise PartitionError(f"keys has {keys.shape[0] if keys.ndim else 0} entries but labels has {y.size}; give one key per example.")
+        raise PartitionError(
+            f"keys has {keys.shape[0] if keys.ndim else 0} entries but labels has {y.size}; give one key per example."
+        )
     uniq, inverse = np.unique(keys, return_inverse=True)
     if len(uniq) < n_agents:
-        raise PartitionError(f"the key column has {len(uniq)} distinct values but agents={n_agents}; use at most {len(uniq)} agents or another scheme.")
+        raise PartitionError(
+            f"the key column has {len(uniq)} distinct values but agents={n_agents}; use at most {len(uniq)} agents or another scheme."
+        )
     rng = np.random.default_rng([seed, 4])
     counts = np.bincount(inverse)
     order = rng.permutation(len(uniq))
@@ -174,5 +193,7 @@ def make_partition(scheme: str, labels, n_agents: int, seed: int = 0, **params) 
     accepted = [p for p in inspect.signature(SCHEMES[key]).parameters if p not in ("labels", "n_agents")]
     unknown = sorted(set(params) - set(accepted))
     if unknown:
-        raise PartitionError(f"partition {key!r} does not take {', '.join(unknown)}; its parameters are: {', '.join(accepted)}.")
+        raise PartitionError(
+            f"partition {key!r} does not take {', '.join(unknown)}; its parameters are: {', '.join(accepted)}."
+        )
     return SCHEMES[key](labels, n_agents, seed=seed, **params)

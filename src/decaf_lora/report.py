@@ -39,7 +39,11 @@ def per_round(metrics: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
 def plot_run(run_dir: str) -> list[str]:
     plt = _plt()
     metrics = read_metrics(run_dir)
-    summary = read_json(os.path.join(run_dir, "summary.json")) if os.path.exists(os.path.join(run_dir, "summary.json")) else {}
+    summary = (
+        read_json(os.path.join(run_dir, "summary.json"))
+        if os.path.exists(os.path.join(run_dir, "summary.json"))
+        else {}
+    )
     plots = os.path.join(run_dir, "plots")
     os.makedirs(plots, exist_ok=True)
     written = []
@@ -56,7 +60,12 @@ def plot_run(run_dir: str) -> list[str]:
     r, cd = per_round(metrics, "consensus_distance")
     if len(r):
         axes[1].plot(r, np.maximum(cd.mean(1), 1e-12))
-        axes[1].set(xlabel="round", ylabel="mean over agents", title="consensus distance: sum over layers of ||s B A - mean||_F", yscale="log")
+        axes[1].set(
+            xlabel="round",
+            ylabel="mean over agents",
+            title="consensus distance: sum over layers of ||s B A - mean||_F",
+            yscale="log",
+        )
     fig.suptitle(f"{summary.get('algorithm', '')} on {summary.get('topology', '')}, {summary.get('agents', '')} agents")
     path = os.path.join(plots, "training.png")
     _save(fig, path)

@@ -91,7 +91,9 @@ def new_run_dir(out_dir: str, name: str, algorithm: str, seed: int) -> str:
 def check_run_dir(run_dir: str, need: tuple[str, ...] = ("config.yaml", "metrics.jsonl")) -> str:
     """A finished or running run directory, or one clear error."""
     if not os.path.isdir(run_dir):
-        raise DecafError(f"run directory {run_dir!r} does not exist; pass a directory created by `decaf run` (under runs/).")
+        raise DecafError(
+            f"run directory {run_dir!r} does not exist; pass a directory created by `decaf run` (under runs/)."
+        )
     missing = [f for f in need if not os.path.exists(os.path.join(run_dir, f))]
     if missing:
         raise DecafError(f"run directory {run_dir!r} lacks {', '.join(missing)}; it is not a (finished) decaf run.")

@@ -10,7 +10,9 @@ from decaf_lora.topology import Topology
 
 
 def layer(gen, n, d, r, k):
-    return torch.randn(n, r, k, generator=gen, dtype=torch.float64), torch.randn(n, d, r, generator=gen, dtype=torch.float64)
+    return torch.randn(n, r, k, generator=gen, dtype=torch.float64), torch.randn(
+        n, d, r, generator=gen, dtype=torch.float64
+    )
 
 
 def best_rank(M, rank):
@@ -58,7 +60,9 @@ def test_decaf_reports_proposition_1_bound_with_c_measured_on_each_neighbourhood
             nb = [i, *topo.neighbors(i)]
             c = max(max(torch.linalg.matrix_norm(A[j], 2), torch.linalg.matrix_norm(B[j], 2)) for j in nb)
             torch.testing.assert_close(out.stats["factor_norm_c"][i], c, atol=1e-10, rtol=1e-10)
-            torch.testing.assert_close(out.stats["tsvd_tail_bound"][i], math.sqrt((len(nb) - 1) * 4) * c**2, atol=1e-9, rtol=1e-10)
+            torch.testing.assert_close(
+                out.stats["tsvd_tail_bound"][i], math.sqrt((len(nb) - 1) * 4) * c**2, atol=1e-9, rtol=1e-10
+            )
         assert (out.stats["tsvd_tail"] <= out.stats["tsvd_tail_bound"]).all()
 
 

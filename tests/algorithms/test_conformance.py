@@ -62,19 +62,27 @@ def test_interface_declares_what_is_sent_and_trained(name, options):
 
 def test_decaf_and_dlora_send_the_same_bytes():
     shapes = ((8, 4096), (4096, 8))
-    assert algorithms.get("decaf").payload_numel(*shapes) == algorithms.get("dlora").payload_numel(*shapes) == 2 * 8 * 4096
+    assert (
+        algorithms.get("decaf").payload_numel(*shapes) == algorithms.get("dlora").payload_numel(*shapes) == 2 * 8 * 4096
+    )
     assert algorithms.get("dlora-fa").payload_numel(*shapes) == 8 * 4096
     assert algorithms.get("local").payload_numel(*shapes) == 0
 
 
-@pytest.mark.parametrize("name, options", [c for c in CASES if c[0] != "fedavg"], ids=[i for i, c in zip(IDS, CASES) if c[0] != "fedavg"])
+@pytest.mark.parametrize(
+    "name, options", [c for c in CASES if c[0] != "fedavg"], ids=[i for i, c in zip(IDS, CASES) if c[0] != "fedavg"]
+)
 def test_identity_mixing_keeps_every_product(gen, name, options):
     A, B = layer(gen)
     A1, B1 = algorithms.get(name, **options).mix(A, B, torch.eye(6, dtype=torch.float64))
     torch.testing.assert_close(B1 @ A1, B @ A, atol=1e-10, rtol=0)
 
 
-@pytest.mark.parametrize("name, options", [c for c in CASES if c[0] not in ("fedavg", "local")], ids=[i for i, c in zip(IDS, CASES) if c[0] not in ("fedavg", "local")])
+@pytest.mark.parametrize(
+    "name, options",
+    [c for c in CASES if c[0] not in ("fedavg", "local")],
+    ids=[i for i, c in zip(IDS, CASES) if c[0] not in ("fedavg", "local")],
+)
 def test_a_rank_with_some_agents_computes_the_same_rows_as_the_simulator(gen, name, options):
     """What a distributed rank does: its own agents plus received neighbours, the matching rows of W."""
     algo = algorithms.get(name, **options)
@@ -91,9 +99,18 @@ def test_a_rank_with_some_agents_computes_the_same_rows_as_the_simulator(gen, na
 @pytest.mark.parametrize(
     "call, match",
     [
-        (lambda: algorithms.get("decaff"), r"algorithm='decaff' is not known; choose one of: decaf, dlora, dlora-fa, fedavg, local"),
-        (lambda: algorithms.get("decaf", splitt="balanced"), r"algorithm 'decaf' has no option splitt; its options are: gauge, method, skip_zero, split"),
-        (lambda: algorithms.get("dlora", split="balanced"), r"algorithm 'dlora' has no option split; its options are: none"),
+        (
+            lambda: algorithms.get("decaff"),
+            r"algorithm='decaff' is not known; choose one of: decaf, dlora, dlora-fa, fedavg, local",
+        ),
+        (
+            lambda: algorithms.get("decaf", splitt="balanced"),
+            r"algorithm 'decaf' has no option splitt; its options are: gauge, method, skip_zero, split",
+        ),
+        (
+            lambda: algorithms.get("dlora", split="balanced"),
+            r"algorithm 'dlora' has no option split; its options are: none",
+        ),
         (lambda: algorithms.get("decaf", split="half"), r"split='half' is not known"),
         (lambda: algorithms.get("decaf", gauge="spin"), r"gauge='spin' is not known"),
     ],
@@ -136,7 +153,9 @@ class Alternating(algorithms.DLoRA):
 
 
 def test_a_new_method_plugs_in_with_one_registration(monkeypatch):
-    monkeypatch.setattr(algorithms.registry, "_REGISTRY", dict(algorithms.registry._REGISTRY))  # leave the real one alone
+    monkeypatch.setattr(
+        algorithms.registry, "_REGISTRY", dict(algorithms.registry._REGISTRY)
+    )  # leave the real one alone
     algorithms.register(Alternating)
     algo = algorithms.get("test-alternating")
     assert [algo.trainable(t) for t in range(4)] == [("B",), ("B",), ("A",), ("A",)]

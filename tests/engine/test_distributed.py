@@ -10,27 +10,59 @@ import time
 
 import psutil
 import pytest
-
 from conftest import tiny_text_overrides
 
 TIMEOUT = 300
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 LOSSES = ("train_loss", "eval_loss", "local_loss")
-EXACT = ("round", "agent", "eval_accuracy", "local_accuracy", "eval_f1", "neighbors", "bytes_sent", "bytes_received", "rejected", "absent", "payload_rejected")
+EXACT = (
+    "round",
+    "agent",
+    "eval_accuracy",
+    "local_accuracy",
+    "eval_f1",
+    "neighbors",
+    "bytes_sent",
+    "bytes_received",
+    "rejected",
+    "absent",
+    "payload_rejected",
+)
 
 
 def overrides(model_dir, out_dir, **extra):
-    return tiny_text_overrides(model_dir, out_dir, **{"agents": 4, "rounds": 3, "local_steps": 3, "lora.dropout": 0.1, **extra})
+    return tiny_text_overrides(
+        model_dir, out_dir, **{"agents": 4, "rounds": 3, "local_steps": 3, "lora.dropout": 0.1, **extra}
+    )
 
 
 def simulate(args, out):
-    subprocess.run([sys.executable, "-m", "decaf_lora", "run", "-q", *args, f"out_dir={out}"], env=ENV, check=True, capture_output=True, timeout=TIMEOUT)
+    subprocess.run(
+        [sys.executable, "-m", "decaf_lora", "run", "-q", *args, f"out_dir={out}"],
+        env=ENV,
+        check=True,
+        capture_output=True,
+        timeout=TIMEOUT,
+    )
     return metrics_in(out)
 
 
 def torchrun(args, out, procs, extra=()):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}", *extra,
-           "-m", "decaf_lora", "run", "-q", *args, "engine=distributed", f"out_dir={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={procs}",
+        *extra,
+        "-m",
+        "decaf_lora",
+        "run",
+        "-q",
+        *args,
+        "engine=distributed",
+        f"out_dir={out}",
+    ]
     return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -66,15 +98,22 @@ def test_distributed_with_2_and_4_processes_equals_the_simulator(tiny_bert_dir, 
 
 @pytest.mark.parametrize("algo", ["decaf", "fedavg"])
 def test_distributed_handles_faults_like_the_simulator(tiny_bert_dir, tmp_path, algo):
-    args = overrides(tiny_bert_dir, str(tmp_path), algorithm=algo, agents=6, **{"faults.link_drop": 0.3, "faults.agent_dropout": 0.2,
-                                                                                   "faults.poison_agent": 2, "faults.poison": "shape"})
+    args = overrides(
+        tiny_bert_dir,
+        str(tmp_path),
+        algorithm=algo,
+        agents=6,
+        **{"faults.link_drop": 0.3, "faults.agent_dropout": 0.2, "faults.poison_agent": 2, "faults.poison": "shape"},
+    )
     sim = simulate(args, tmp_path / "sim")
     proc = torchrun(args, tmp_path / "d", 3)
     out, _ = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == 0, out[-3000:]
     dist = metrics_in(tmp_path / "d")
     assert_same_metrics(dist, sim)
-    assert any(2 in m["rejected"] for m in dist) and all(m["payload_rejected"] for m in dist if m["agent"] == 2 and not m["absent"] and m["neighbors"])
+    assert any(2 in m["rejected"] for m in dist) and all(
+        m["payload_rejected"] for m in dist if m["agent"] == 2 and not m["absent"] and m["neighbors"]
+    )
 
 
 def checkpoint_round(run_dir, rank):
@@ -115,8 +154,13 @@ def test_a_killed_process_is_restarted_by_torchrun_and_the_run_resumes_exactly(t
 
 
 def test_distributed_without_torchrun_is_one_clear_error(tiny_bert_dir, tmp_path):
-    res = subprocess.run([sys.executable, "-m", "decaf_lora", "run", *overrides(tiny_bert_dir, str(tmp_path)), "engine=distributed"],
-                         env={k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE")}, capture_output=True, text=True, timeout=TIMEOUT)
+    res = subprocess.run(
+        [sys.executable, "-m", "decaf_lora", "run", *overrides(tiny_bert_dir, str(tmp_path)), "engine=distributed"],
+        env={k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE")},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert res.returncode == 2
     assert "engine=distributed must be launched by torchrun" in res.stderr and "Traceback" not in res.stderr
 
@@ -157,7 +201,9 @@ def test_a_late_process_is_left_out_of_that_round_and_the_run_goes_on(tiny_bert_
     cfg = load_config(None, [*args, f"out_dir={tmp_path / 'sim'}"])
     sim = simulator_with_links_down(cfg, 1, [(i, j) for i, js in cross.items() for j in js]).run().metrics
     for d, s in zip(dist, sim):
-        assert d["eval_accuracy"] == s["eval_accuracy"] and d["train_loss"] == pytest.approx(s["train_loss"], rel=1e-6, abs=1e-7)
+        assert d["eval_accuracy"] == s["eval_accuracy"] and d["train_loss"] == pytest.approx(
+            s["train_loss"], rel=1e-6, abs=1e-7
+        )
         assert d["timed_out"] == (s["rejected"] if d["round"] == 2 else [])
 
 
@@ -172,8 +218,20 @@ def test_two_torchrun_nodes_with_c10d_rendezvous_equal_the_simulator(tiny_bert_d
     rdzv = ("--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=twonodes")
     nodes = []
     for _ in range(2):
-        cmd = [sys.executable, "-m", "torch.distributed.run", *rdzv, "--nproc-per-node=1", "-m", "decaf_lora", "run", "-q", *args,
-               "engine=distributed", f"out_dir={tmp_path / 'd'}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            *rdzv,
+            "--nproc-per-node=1",
+            "-m",
+            "decaf_lora",
+            "run",
+            "-q",
+            *args,
+            "engine=distributed",
+            f"out_dir={tmp_path / 'd'}",
+        ]
         nodes.append(subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:
         outs = [p.communicate(timeout=TIMEOUT)[0] for p in nodes]

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import torch
-
-from decaf_lora.faults import absent_agents, check_payload, drop_links, isolate, poison, renormalize_without
-from decaf_lora.engine import run
-from decaf_lora.topology import Topology, validate_mixing_matrix
 from test_simulation import cfg_for, digits_task
+
+from decaf_lora.engine import run
+from decaf_lora.faults import absent_agents, check_payload, drop_links, isolate, poison, renormalize_without
+from decaf_lora.topology import Topology, validate_mixing_matrix
 
 
 def test_dropped_links_and_absent_agents_keep_the_matrix_doubly_stochastic():
@@ -15,7 +15,9 @@ def test_dropped_links_and_absent_agents_keep_the_matrix_doubly_stochastic():
     for t in range(20):
         wt = isolate(drop_links(w, 0.3, seed=1, round_=t), absent_agents(16, 0.2, seed=1, round_=t))
         validate_mixing_matrix(wt, require_connected=False)
-        assert np.array_equal(wt, isolate(drop_links(w, 0.3, seed=1, round_=t), absent_agents(16, 0.2, seed=1, round_=t)))
+        assert np.array_equal(
+            wt, isolate(drop_links(w, 0.3, seed=1, round_=t), absent_agents(16, 0.2, seed=1, round_=t))
+        )
     links = lambda m: np.count_nonzero(m - np.diag(np.diag(m)))  # noqa: E731
     alive = [links(drop_links(w, 0.3, 0, t)) for t in range(300)]
     assert np.mean(alive) / links(w) == pytest.approx(0.7, abs=0.03)
@@ -27,7 +29,10 @@ def test_absent_agent_is_cut_off():
     assert wt[1, 1] == 1 and wt[0, 1] == wt[2, 1] == 0
 
 
-@pytest.mark.parametrize("kind, reason", [("nan", "NaN or infinite"), ("shape", "shape (4, 2) instead of (4, 3)"), ("scale", "above faults.max_norm")])
+@pytest.mark.parametrize(
+    "kind, reason",
+    [("nan", "NaN or infinite"), ("shape", "shape (4, 2) instead of (4, 3)"), ("scale", "above faults.max_norm")],
+)
 def test_payload_checks_catch_every_poison(kind, reason):
     t = torch.randn(4, 3)
     assert check_payload(t, (4, 3), torch.float32, 1e4) is None
@@ -70,6 +75,10 @@ def test_agent_dropout_skips_training_and_exchange(tmp_path):
 
 
 def test_fedavg_averages_only_the_present_agents(tmp_path):
-    res = run(cfg_for(tmp_path, agents=6, rounds=3, algorithm="fedavg", faults={"agent_dropout": 0.3}), task=digits_task(), write=False)
+    res = run(
+        cfg_for(tmp_path, agents=6, rounds=3, algorithm="fedavg", faults={"agent_dropout": 0.3}),
+        task=digits_task(),
+        write=False,
+    )
     assert any(m["absent"] for m in res.metrics)
     assert all(np.isfinite(m["consensus_distance"]) for m in res.metrics)

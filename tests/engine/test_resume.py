@@ -8,10 +8,11 @@ import sys
 import time
 
 import pytest
+from test_simulation import cfg_for, digits_task
+
 from decaf_lora.config import ConfigError, load_config
 from decaf_lora.engine import Simulation, resume, run
 from decaf_lora.rundir import read_metrics
-from test_simulation import cfg_for, digits_task
 
 
 def without_timing(metrics):
@@ -46,7 +47,9 @@ def test_crash_mid_round_then_resume_equals_uninterrupted(tmp_path, monkeypatch,
 
 def test_resume_with_a_different_config_is_refused(tmp_path):
     res = run(cfg_for(tmp_path, rounds=1), task=digits_task())
-    with pytest.raises(ConfigError, match=r"cannot resume .* with a different config \(lora.rank: 2 in the run, 3 now\)"):
+    with pytest.raises(
+        ConfigError, match=r"cannot resume .* with a different config \(lora.rank: 2 in the run, 3 now\)"
+    ):
         resume(res.run_dir, ["lora.rank=3"], task=digits_task())
     resume(res.run_dir, ["lora.rank=2", "device=cpu"], task=digits_task())  # restating the config is fine
 
@@ -55,7 +58,9 @@ def test_unreadable_checkpoint_is_one_clear_error(tmp_path, monkeypatch):
     cfg = cfg_for(tmp_path, rounds=3)
     sim = Simulation(load_config(cfg), task=digits_task(), progress=False)
     real = sim.train_agent
-    monkeypatch.setattr(sim, "train_agent", lambda a, t: (_ for _ in ()).throw(KeyboardInterrupt) if t == 1 else real(a, t))
+    monkeypatch.setattr(
+        sim, "train_agent", lambda a, t: (_ for _ in ()).throw(KeyboardInterrupt) if t == 1 else real(a, t)
+    )
     with pytest.raises(KeyboardInterrupt):
         sim.run()
     with open(os.path.join(sim.run_dir, "checkpoint.safetensors"), "r+b") as fh:
@@ -98,9 +103,21 @@ def test_sigkill_at_any_point_then_resume_equals_uninterrupted(tiny_text, tmp_pa
         proc.kill()
         proc.wait(timeout=30)
     assert not os.path.exists(os.path.join(run_dir, "summary.json"))
-    done = subprocess.run([sys.executable, "-m", "decaf_lora", "run", "-q", "--resume", run_dir], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "decaf_lora", "run", "-q", "--resume", run_dir],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     # the reference runs in the same conditions (a fresh process, same threads): bitwise equality is expected
-    subprocess.run([sys.executable, "-m", "decaf_lora", "run", "-q", *overrides, f"out_dir={tmp_path / 'full'}"], env=env, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "decaf_lora", "run", "-q", *overrides, f"out_dir={tmp_path / 'full'}"],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     (full_dir,) = list((tmp_path / "full").iterdir())
     assert without_timing(read_metrics(run_dir)) == without_timing(read_metrics(str(full_dir)))

@@ -6,12 +6,11 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import TinyMLP
 
 from decaf_lora.config import load_config
 from decaf_lora.engine import Simulation, run
 from decaf_lora.tasks import ModuleTask
-
-from conftest import TinyMLP
 
 
 def digits_task(width=32):
@@ -23,7 +22,15 @@ def digits_task(width=32):
 
 
 def cfg_for(tmp_path, **kw):
-    base = {"agents": 4, "rounds": 4, "local_steps": 8, "eval_every": 2, "optim": {"lr": 1e-2}, "lora": {"rank": 2}, "out_dir": str(tmp_path)}
+    base = {
+        "agents": 4,
+        "rounds": 4,
+        "local_steps": 8,
+        "eval_every": 2,
+        "optim": {"lr": 1e-2},
+        "lora": {"rank": 2},
+        "out_dir": str(tmp_path),
+    }
     for k, v in kw.items():
         base[k] = v
     return base
@@ -37,7 +44,16 @@ def test_every_algorithm_trains_and_logs_every_agent_every_round(tmp_path, algo)
     first = np.mean([x["train_loss"] for x in m if x["round"] == 1])
     last = np.mean([x["train_loss"] for x in m if x["round"] == 4])
     assert last < first
-    required = {"round", "agent", "train_loss", "consensus_distance", "bytes_sent", "bytes_received", "seconds", "tsvd_tail"}
+    required = {
+        "round",
+        "agent",
+        "train_loss",
+        "consensus_distance",
+        "bytes_sent",
+        "bytes_received",
+        "seconds",
+        "tsvd_tail",
+    }
     assert all(required <= set(x) for x in m)
     evaluated = [x for x in m if "eval_accuracy" in x]
     assert sorted({x["round"] for x in evaluated}) == [2, 4]
@@ -50,7 +66,16 @@ def test_every_algorithm_trains_and_logs_every_agent_every_round(tmp_path, algo)
 def test_run_directory_holds_everything_and_nothing_half_written(tmp_path):
     res = run(cfg_for(tmp_path), task=digits_task())
     files = set(os.listdir(res.run_dir))
-    assert {"config.yaml", "topology.json", "partition.json", "metrics.jsonl", "summary.json", "adapters.safetensors", "report.md", "plots"} <= files
+    assert {
+        "config.yaml",
+        "topology.json",
+        "partition.json",
+        "metrics.jsonl",
+        "summary.json",
+        "adapters.safetensors",
+        "report.md",
+        "plots",
+    } <= files
     assert not [f for f in files if f.endswith(".tmp")]
     assert set(os.listdir(os.path.join(res.run_dir, "plots"))) == {"training.png", "label_histograms.png"}
     part = json.load(open(os.path.join(res.run_dir, "partition.json")))
@@ -102,14 +127,21 @@ def test_fedavg_reaches_consensus_and_local_does_not_communicate(tmp_path):
 
 
 def test_dlora_fa_never_changes_a(tmp_path):
-    sim = Simulation(load_config(cfg_for(tmp_path, algorithm="dlora-fa", rounds=2)), task=digits_task(), write=False, progress=False)
+    sim = Simulation(
+        load_config(cfg_for(tmp_path, algorithm="dlora-fa", rounds=2)), task=digits_task(), write=False, progress=False
+    )
     before = [A.clone() for A in sim.states.A]
     sim.run()
     assert all(torch.equal(a, b) for a, b in zip(before, sim.states.A))
 
 
 def test_keep_policy_keeps_adam_state_and_reset_clears_it(tmp_path):
-    keep = Simulation(load_config(cfg_for(tmp_path, rounds=1, optim={"lr": 1e-2, "state_after_mix": "keep"})), task=digits_task(), write=False, progress=False)
+    keep = Simulation(
+        load_config(cfg_for(tmp_path, rounds=1, optim={"lr": 1e-2, "state_after_mix": "keep"})),
+        task=digits_task(),
+        write=False,
+        progress=False,
+    )
     keep.run()
     assert all(len(o.state) > 0 for o in keep.optimizers)
     reset = Simulation(load_config(cfg_for(tmp_path, rounds=1)), task=digits_task(), write=False, progress=False)
@@ -135,7 +167,12 @@ def test_one_shared_base_model_memory_grows_by_about_one_adapter_per_agent(tmp_p
     """Measured by tensor storage: base + N x (adapter + Adam state), never N x base."""
     sizes = {}
     for n in (1, 2, 4, 8):
-        sim = Simulation(load_config(cfg_for(tmp_path, agents=n, rounds=1, optim={"lr": 1e-2, "state_after_mix": "keep"})), task=digits_task(width=512), write=False, progress=False)
+        sim = Simulation(
+            load_config(cfg_for(tmp_path, agents=n, rounds=1, optim={"lr": 1e-2, "state_after_mix": "keep"})),
+            task=digits_task(width=512),
+            write=False,
+            progress=False,
+        )
         sim.run()
         sizes[n] = storage_bytes(sim)
         adapter = sim.states.adapter_bytes()
@@ -148,7 +185,11 @@ def test_one_shared_base_model_memory_grows_by_about_one_adapter_per_agent(tmp_p
 
 
 def test_link_failures_and_schedules_are_used(tmp_path):
-    res = run(cfg_for(tmp_path, agents=6, rounds=4, topology={"name": "complete", "link_drop": 0.5}), task=digits_task(), write=False)
+    res = run(
+        cfg_for(tmp_path, agents=6, rounds=4, topology={"name": "complete", "link_drop": 0.5}),
+        task=digits_task(),
+        write=False,
+    )
     neighbours = {m["neighbors"] for m in res.metrics}
     assert len(neighbours) > 1 and max(neighbours) <= 5
 
@@ -156,4 +197,3 @@ def test_link_failures_and_schedules_are_used(tmp_path):
 def test_a_diverging_run_stops_with_a_clear_message(tmp_path):
     with pytest.raises(FloatingPointError, match="lower optim.lr"):
         run(cfg_for(tmp_path, optim={"lr": 1e30, "grad_clip": 0}), task=digits_task(), write=False)
-

@@ -7,12 +7,11 @@ paths, not the paper's accuracy.
 import numpy as np
 import pytest
 import torch
+from conftest import TinyMLP
 
 from decaf_lora.config import load_config
 from decaf_lora.engine import Simulation, run
-from decaf_lora.tasks import ClipFewShot, CausalLM, ModuleTask, build_task
-
-from conftest import TinyMLP
+from decaf_lora.tasks import CausalLM, ClipFewShot, ModuleTask, build_task
 
 
 def first_and_last_round_loss(metrics):
@@ -28,23 +27,57 @@ def test_text_classification_on_tweets_learns(tiny_text):
 
 
 def test_clip_few_shot_on_digits_learns(tmp_path):
-    cfg = load_config(None, ["task.kind=clip", "task.model=random-tiny-clip", "task.dataset=digits", "task.shots=6", "task.test_examples=100",
-                             "task.batch_size=16", "agents=2", "rounds=4", "local_steps=6", "optim.lr=5e-3", "partition.scheme=iid", "lora.rank=4",
-                             "partition.local_eval=0", f"out_dir={tmp_path}"])
+    cfg = load_config(
+        None,
+        [
+            "task.kind=clip",
+            "task.model=random-tiny-clip",
+            "task.dataset=digits",
+            "task.shots=6",
+            "task.test_examples=100",
+            "task.batch_size=16",
+            "agents=2",
+            "rounds=4",
+            "local_steps=6",
+            "optim.lr=5e-3",
+            "partition.scheme=iid",
+            "lora.rank=4",
+            "partition.local_eval=0",
+            f"out_dir={tmp_path}",
+        ],
+    )
     sim = Simulation(cfg, progress=False, write=False)
     assert isinstance(sim.task, ClipFewShot)
     names = {layer.name.rsplit(".", 1)[-1] for layer in sim.states.layers}
     assert names == {"q_proj", "k_proj", "v_proj"}
-    assert any("text_model" in layer.name for layer in sim.states.layers) and any("vision_model" in layer.name for layer in sim.states.layers)
+    assert any("text_model" in layer.name for layer in sim.states.layers) and any(
+        "vision_model" in layer.name for layer in sim.states.layers
+    )
     assert sim.task.prompts[3] == "a photo of a three."
     first, last = first_and_last_round_loss(sim.run().metrics)
     assert last < first
 
 
 def test_causal_lm_classification_as_generation_learns(tmp_path):
-    cfg = load_config(None, ["task.kind=causal_lm", "task.model=random-tiny-llama", "task.dataset=tweets", "task.train_examples=200",
-                             "task.test_examples=24", "task.max_length=48", "task.batch_size=8", "agents=2", "rounds=4", "local_steps=5",
-                             "optim.lr=1e-2", "partition.scheme=iid", "partition.local_eval=0", f"out_dir={tmp_path}"])
+    cfg = load_config(
+        None,
+        [
+            "task.kind=causal_lm",
+            "task.model=random-tiny-llama",
+            "task.dataset=tweets",
+            "task.train_examples=200",
+            "task.test_examples=24",
+            "task.max_length=48",
+            "task.batch_size=8",
+            "agents=2",
+            "rounds=4",
+            "local_steps=5",
+            "optim.lr=1e-2",
+            "partition.scheme=iid",
+            "partition.local_eval=0",
+            f"out_dir={tmp_path}",
+        ],
+    )
     sim = Simulation(cfg, progress=False, write=False)
     assert isinstance(sim.task, CausalLM) and sim.task.metric == "f1"
     res = sim.run()
@@ -58,7 +91,9 @@ def test_causal_lm_rank_classification_is_not_biased_by_answer_length():
 
     ('neutral' is one byte shorter than 'negative' and 'positive'; summed log-probabilities would always pick it.)
     """
-    cfg = load_config(None, ["task.kind=causal_lm", "task.dataset=tweets", "task.train_examples=50", "task.test_examples=10"])
+    cfg = load_config(
+        None, ["task.kind=causal_lm", "task.dataset=tweets", "task.train_examples=50", "task.test_examples=10"]
+    )
     task = build_task(cfg)
     assert len(task.answers[1]) < len(task.answers[0])
     model = task.build_model()
@@ -85,7 +120,18 @@ def digits_task():
 
 def test_module_task_trains_a_users_own_model(tmp_path):
     task = digits_task()
-    res = run({"agents": 3, "rounds": 5, "local_steps": 10, "eval_every": 5, "optim": {"lr": 1e-2}, "partition": {"scheme": "iid"}, "out_dir": str(tmp_path)}, task=task)
+    res = run(
+        {
+            "agents": 3,
+            "rounds": 5,
+            "local_steps": 10,
+            "eval_every": 5,
+            "optim": {"lr": 1e-2},
+            "partition": {"scheme": "iid"},
+            "out_dir": str(tmp_path),
+        },
+        task=task,
+    )
     first, last = first_and_last_round_loss(res.metrics)
     assert last < first
     assert res.summary["final_accuracy"]["mean"] > 0.5  # 10 digit classes: chance is 0.1
@@ -100,7 +146,9 @@ def test_clip_reads_an_image_folder(tmp_path):
         (tmp_path / name).mkdir()
         for k in range(5):
             Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(tmp_path / name / f"{k}.png")
-    cfg = load_config(None, ["task.kind=clip", "task.model=random-tiny-clip", f"task.dataset={tmp_path}", "task.test_examples=4"])
+    cfg = load_config(
+        None, ["task.kind=clip", "task.model=random-tiny-clip", f"task.dataset={tmp_path}", "task.test_examples=4"]
+    )
     task = build_task(cfg)
     assert task.examples.class_names == ["red rose", "sunflower"] and len(task.labels) == 10
     batch = task.batch([0, 7])
@@ -117,9 +165,24 @@ def test_causal_lm_on_instruction_data_scores_token_accuracy(tmp_path):
     with open(f, "w") as fh:
         for k in range(60):
             fh.write(json.dumps({"instruction": f"repeat the number {k}", "output": f"{k} {k}"}) + "\n")
-    cfg = load_config(None, ["task.kind=causal_lm", f"task.dataset={f}", "task.text_column=instruction", "task.label_column=output",
-                             "task.test_examples=10", "task.batch_size=10", "agents=2", "rounds=3", "local_steps=5", "optim.lr=1e-2",
-                             "partition.scheme=iid", "partition.local_eval=0", "eval_every=3"])
+    cfg = load_config(
+        None,
+        [
+            "task.kind=causal_lm",
+            f"task.dataset={f}",
+            "task.text_column=instruction",
+            "task.label_column=output",
+            "task.test_examples=10",
+            "task.batch_size=10",
+            "agents=2",
+            "rounds=3",
+            "local_steps=5",
+            "optim.lr=1e-2",
+            "partition.scheme=iid",
+            "partition.local_eval=0",
+            "eval_every=3",
+        ],
+    )
     sim = Simulation(cfg, progress=False, write=False)
     assert not sim.task.classify and sim.task.metric == "accuracy"
     res = sim.run()

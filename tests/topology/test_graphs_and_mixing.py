@@ -162,7 +162,10 @@ def test_matrix_off_the_graph_is_rejected():
     "call, match",
     [
         (lambda: Topology.build("hypercube", 4), r"topology='hypercube' is not known; choose one of: bipartite"),
-        (lambda: Topology.build("ring", 4, mixing="magic"), r"mixing='magic' is not known; choose one of: .*metropolis"),
+        (
+            lambda: Topology.build("ring", 4, mixing="magic"),
+            r"mixing='magic' is not known; choose one of: .*metropolis",
+        ),
         (lambda: Topology.build("ring", 0), r"agents=0 is invalid"),
         (lambda: Topology.build("ring", 4, hubs=2), r"does not take hubs"),
         (lambda: Topology.build("bipartite", 4, hubs=4), r"hubs=4 is invalid"),

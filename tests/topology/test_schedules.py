@@ -31,7 +31,12 @@ def test_one_peer_exponential_averages_exactly_after_log2_n_rounds():
     sched.validate()
 
 
-@given(kind=st.sampled_from(["random_matching", "link_failures"]), n=st.integers(3, 15), seed=st.integers(0, 9), t=st.integers(0, 40))
+@given(
+    kind=st.sampled_from(["random_matching", "link_failures"]),
+    n=st.integers(3, 15),
+    seed=st.integers(0, 9),
+    t=st.integers(0, 40),
+)
 def test_random_schedules_are_valid_on_the_base_graph_and_reproducible(kind, n, seed, t):
     topo = Topology.build("ring", n)
     a = topo.schedule(kind, seed=seed, p=0.3)

@@ -102,12 +102,16 @@ def prepare(A: torch.Tensor, B: torch.Tensor, W, self_index=None, *, row_sums_to
     if not isinstance(A, torch.Tensor) or not isinstance(B, torch.Tensor) or A.ndim != 3 or B.ndim != 3:
         raise ShapeError("A and B must be 3-D tensors: A (agents, r, k) and B (agents, d, r).")
     if A.shape[0] != B.shape[0] or A.shape[1] != B.shape[2]:
-        raise ShapeError(f"A {tuple(A.shape)} and B {tuple(B.shape)} do not fit: need A (agents, r, k) and B (agents, d, r) with equal agents and r.")
+        raise ShapeError(
+            f"A {tuple(A.shape)} and B {tuple(B.shape)} do not fit: need A (agents, r, k) and B (agents, d, r) with equal agents and r."
+        )
     dtype = compute_dtype_for(A, B)
     Wt = torch.as_tensor(W, device=A.device).to(dtype)
     n_in = A.shape[0]
     if Wt.ndim != 2 or Wt.shape[1] != n_in:
-        raise ShapeError(f"W has shape {tuple(Wt.shape)}; it must be (output agents, {n_in}) to match the {n_in} stacked agents.")
+        raise ShapeError(
+            f"W has shape {tuple(Wt.shape)}; it must be (output agents, {n_in}) to match the {n_in} stacked agents."
+        )
     if not bool(torch.isfinite(Wt).all()) or bool((Wt < 0).any()):
         raise ShapeError("W must hold finite, non-negative mixing weights.")
     if row_sums_to_one:
@@ -118,12 +122,16 @@ def prepare(A: torch.Tensor, B: torch.Tensor, W, self_index=None, *, row_sums_to
             raise ShapeError(f"W row {i} sums to {float(sums[i]):.6g}; each agent's mixing weights must sum to 1.")
     if self_index is None:
         if Wt.shape[0] != n_in:
-            raise ShapeError(f"W is {tuple(Wt.shape)}, not square; pass self_index to say where each output agent's own factors are.")
+            raise ShapeError(
+                f"W is {tuple(Wt.shape)}, not square; pass self_index to say where each output agent's own factors are."
+            )
         idx = torch.arange(n_in, device=A.device)
     else:
         idx = torch.as_tensor(self_index, device=A.device, dtype=torch.long).reshape(-1)
         if idx.numel() != Wt.shape[0] or bool(((idx < 0) | (idx >= n_in)).any()):
-            raise ShapeError(f"self_index must give, for each of the {Wt.shape[0]} output agents, a position in 0..{n_in - 1}.")
+            raise ShapeError(
+                f"self_index must give, for each of the {Wt.shape[0]} output agents, a position in 0..{n_in - 1}."
+            )
     return Prepared(A.to(dtype), B.to(dtype), Wt, idx, A.dtype, B.dtype)
 
 

@@ -57,7 +57,11 @@ def proposition1_bound(B_nb: torch.Tensor, A_nb: torch.Tensor, weight: torch.Ten
     """
     gram_b = B_nb.mT @ B_nb  # (n, m, r, r)
     gram_a = A_nb @ A_nb.mT
-    top = torch.maximum(torch.linalg.eigvalsh(gram_b)[..., -1], torch.linalg.eigvalsh(gram_a)[..., -1]).clamp(min=0).sqrt()
+    top = (
+        torch.maximum(torch.linalg.eigvalsh(gram_b)[..., -1], torch.linalg.eigvalsh(gram_a)[..., -1])
+        .clamp(min=0)
+        .sqrt()
+    )
     present = weight != 0
     c = torch.where(present, top, torch.zeros((), dtype=top.dtype)).amax(1)
     r_full = B_nb.shape[-1]
@@ -71,10 +75,18 @@ class DeCAF(Algorithm):
     """Mix LoRA products with the mixing weights, then truncate back to rank r with an exact factored TSVD."""
 
     name = "decaf"
-    split: str = field(default="all-into-b", metadata={"help": f"how singular values go into the factors: {', '.join(SPLITS)}"})
-    gauge: str = field(default="none", metadata={"help": f"re-express new factors close to the previous ones: {', '.join(GAUGES)}"})
-    skip_zero: bool = field(default=True, metadata={"help": "keep an agent's own factors when its mixed product is numerically zero"})
-    method: str = field(default="auto", metadata={"help": f"QR implementation of the factored SVD: {', '.join(METHODS)}"})
+    split: str = field(
+        default="all-into-b", metadata={"help": f"how singular values go into the factors: {', '.join(SPLITS)}"}
+    )
+    gauge: str = field(
+        default="none", metadata={"help": f"re-express new factors close to the previous ones: {', '.join(GAUGES)}"}
+    )
+    skip_zero: bool = field(
+        default=True, metadata={"help": "keep an agent's own factors when its mixed product is numerically zero"}
+    )
+    method: str = field(
+        default="auto", metadata={"help": f"QR implementation of the factored SVD: {', '.join(METHODS)}"}
+    )
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -100,7 +112,11 @@ class DeCAF(Algorithm):
         B_new, A_new = mask_ranks(B_new, A_new, rk)
         own_B, own_A = p.own_B, p.own_A
         B_new, A_new = regauge(B_new, A_new, own_B, own_A, self.gauge)
-        stats = {"tsvd_tail": tail, "top_singular_value": t.S[:, 0], **proposition1_bound(B_nb, A_nb, weight, r if rk is None else rk)}
+        stats = {
+            "tsvd_tail": tail,
+            "top_singular_value": t.S[:, 0],
+            **proposition1_bound(B_nb, A_nb, weight, r if rk is None else rk),
+        }
         if self.skip_zero:
             # A cheap upper bound on ||M_i||_2; a top singular value below eps times it is rounding noise.
             bound = (weight * torch.linalg.matrix_norm(B_nb) * torch.linalg.matrix_norm(A_nb)).sum(1)

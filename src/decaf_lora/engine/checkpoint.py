@@ -62,14 +62,18 @@ def load_checkpoint(sim, name: str | None = None) -> tuple[int, float]:
             meta = json.loads(fh.metadata()["state"])
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except Exception as exc:  # a truncated or foreign file: say so, never guess
-        raise DecafError(f"checkpoint {path!r} cannot be read ({type(exc).__name__}); delete it to restart the run from round 0.") from None
-    sim.states.load_state_dict({k[len("agents/"):]: v.to(sim.device) for k, v in tensors.items() if k.startswith("agents/")})
+        raise DecafError(
+            f"checkpoint {path!r} cannot be read ({type(exc).__name__}); delete it to restart the run from round 0."
+        ) from None
+    sim.states.load_state_dict(
+        {k[len("agents/") :]: v.to(sim.device) for k, v in tensors.items() if k.startswith("agents/")}
+    )
     for a, opt in enumerate(sim.optimizers):
         state: dict[int, dict] = {}
         prefix = f"opt/{a}/"
         for k, v in tensors.items():
             if k.startswith(prefix):
-                idx, key = k[len(prefix):].split("/", 1)
+                idx, key = k[len(prefix) :].split("/", 1)
                 state.setdefault(int(idx), {})[key] = v if key == "step" else v.to(sim.device)
         opt.load_state_dict({"state": state, "param_groups": meta["param_groups"][a]})
     torch.set_rng_state(tensors["rng/torch"])
@@ -81,5 +85,9 @@ def load_checkpoint(sim, name: str | None = None) -> tuple[int, float]:
         sim._batch_rng[a].bit_generator.state = meta["numpy_rng"][a]
     sim._cursor = list(meta["cursors"])
     done = int(meta["rounds_done"])
-    sim.metrics = [m for m in read_metrics(sim.run_dir) if m["round"] <= done] if os.path.exists(os.path.join(sim.run_dir, "metrics.jsonl")) else []
+    sim.metrics = (
+        [m for m in read_metrics(sim.run_dir) if m["round"] <= done]
+        if os.path.exists(os.path.join(sim.run_dir, "metrics.jsonl"))
+        else []
+    )
     return done, float(meta["elapsed"])

@@ -52,7 +52,11 @@ class DistributedSimulation(Simulation):
         if not dist.is_available():
             raise ConfigError(["engine=distributed needs a PyTorch build with torch.distributed."])
         if "RANK" not in os.environ and not dist.is_initialized():
-            raise ConfigError(["engine=distributed must be launched by torchrun, e.g. `torchrun --nproc-per-node 2 -m decaf_lora run cfg.yaml engine=distributed`."])
+            raise ConfigError(
+                [
+                    "engine=distributed must be launched by torchrun, e.g. `torchrun --nproc-per-node 2 -m decaf_lora run cfg.yaml engine=distributed`."
+                ]
+            )
         use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
         if not dist.is_initialized():
             timeout = datetime.timedelta(seconds=cfg.faults.collective_timeout)
@@ -61,13 +65,19 @@ class DistributedSimulation(Simulation):
             # dead attempt's addresses and fail to connect ("Connection refused").
             attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
             store = dist.PrefixStore(f"decaf-attempt-{attempt}", store)
-            dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=rank, world_size=world, timeout=timeout)
+            dist.init_process_group(
+                "nccl" if use_cuda else "gloo", store=store, rank=rank, world_size=world, timeout=timeout
+            )
         else:
             store = dist.distributed_c10d._get_default_store()
         self._store = dist.PrefixStore("exchange", store)  # small keys that settle who takes part in each exchange
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         if self.world > cfg.agents:
-            raise ConfigError([f"engine=distributed runs {self.world} processes but agents={cfg.agents}; use at most one process per agent."])
+            raise ConfigError(
+                [
+                    f"engine=distributed runs {self.world} processes but agents={cfg.agents}; use at most one process per agent."
+                ]
+            )
         if use_cuda:
             local = int(os.environ.get("LOCAL_RANK", 0))
             torch.cuda.set_device(local)
@@ -86,7 +96,11 @@ class DistributedSimulation(Simulation):
     # ---------------------------------------------------------------------------------------------- set-up
     def _broadcast_text(self, text: str) -> str:
         dist = _dist()
-        data = torch.tensor(list(text.encode("utf-8")), dtype=torch.uint8) if self.rank == 0 else torch.zeros(0, dtype=torch.uint8)
+        data = (
+            torch.tensor(list(text.encode("utf-8")), dtype=torch.uint8)
+            if self.rank == 0
+            else torch.zeros(0, dtype=torch.uint8)
+        )
         size = torch.tensor([data.numel()], dtype=torch.int64)
         dist.broadcast(size, 0)
         if self.rank != 0:
@@ -130,7 +144,11 @@ class DistributedSimulation(Simulation):
         common = int(latest)
         match = [n for n, r in rounds.items() if r == common]
         if common and not match:
-            raise ConfigError([f"the checkpoints in {self.run_dir!r} do not share a finished round; delete them to restart from round 0."])
+            raise ConfigError(
+                [
+                    f"the checkpoints in {self.run_dir!r} do not share a finished round; delete them to restart from round 0."
+                ]
+            )
         if common:
             self.start_round, self._elapsed_before = load_checkpoint(self, match[0])
         if self.rank == 0 and os.path.exists(os.path.join(self.run_dir, "metrics.jsonl")):
@@ -187,8 +205,12 @@ class DistributedSimulation(Simulation):
         dist = _dist()
         own = set(self.own)
         expected = self.expected_payload(round_)
-        plan_send = sorted({(int(j), int(self.owner[i])) for j in own for i in np.nonzero(off[:, j])[0] if self.owner[i] != self.rank})
-        plan_recv = sorted({(int(j), int(self.owner[j])) for i in own for j in np.nonzero(off[i])[0] if self.owner[j] != self.rank})
+        plan_send = sorted(
+            {(int(j), int(self.owner[i])) for j in own for i in np.nonzero(off[:, j])[0] if self.owner[i] != self.rank}
+        )
+        plan_recv = sorted(
+            {(int(j), int(self.owner[j])) for i in own for j in np.nonzero(off[i])[0] if self.owner[j] != self.rank}
+        )
         late = self._late_peers(round_, {q for _, q in plan_send} | {q for _, q in plan_recv})
         for j, q in plan_recv:
             if q in late:  # the round goes on without it; its payload would arrive after we mixed
@@ -201,7 +223,11 @@ class DistributedSimulation(Simulation):
         # phase 1: headers (the sizes of each tensor), so a payload of a wrong shape cannot desynchronize the stream
         ops, headers = [], {}
         for j, q in plan_send:
-            ops.append(dist.P2POp(dist.isend, torch.tensor([len(payloads[j][1]), *payloads[j][1]], dtype=torch.int64), q, tag=j))
+            ops.append(
+                dist.P2POp(
+                    dist.isend, torch.tensor([len(payloads[j][1]), *payloads[j][1]], dtype=torch.int64), q, tag=j
+                )
+            )
         for j, q in plan_recv:
             headers[j] = torch.zeros(1 + len(expected), dtype=torch.int64)
             ops.append(dist.P2POp(dist.irecv, headers[j], q, tag=j))
@@ -314,7 +340,9 @@ class DistributedSimulation(Simulation):
                 w_own = w[own].view(-1, *([1] * (stack.ndim - 1)))
                 bad_own = torch.from_numpy(bad[own]).to(stack.device).view_as(w_own)
                 total = (w_own * stack[own]).sum(0)
-                total_bad = torch.where(bad_own, w_own * stack[own], torch.zeros((), dtype=stack.dtype, device=stack.device)).sum(0)
+                total_bad = torch.where(
+                    bad_own, w_own * stack[own], torch.zeros((), dtype=stack.dtype, device=stack.device)
+                ).sum(0)
                 both = torch.stack([total, total_bad]).contiguous()
                 dist.all_reduce(both)
                 for k, a in enumerate(own):
@@ -327,7 +355,12 @@ class DistributedSimulation(Simulation):
         self.after_mix(own)
         full = self.payload_bytes(round_)
         sent = {a: (self.sent_bytes(a, round_) if present[a] else 0) for a in own}
-        return {"diagnostics": {}, "faults": faults, "bytes": sent, "bytes_received": {a: full if present[a] else 0 for a in own}}
+        return {
+            "diagnostics": {},
+            "faults": faults,
+            "bytes": sent,
+            "bytes_received": {a: full if present[a] else 0 for a in own},
+        }
 
     def consensus(self) -> dict[int, float]:
         """Each own agent's ||s B_i A_i - mean_j s B_j A_j||_F summed over layers; the mean via an all-reduce."""
@@ -391,13 +424,15 @@ class DistributedSimulation(Simulation):
         return result
 
 
-def _unpack(flat: torch.Tensor, header: torch.Tensor, expected, max_norm: float) -> tuple[str | None, list[torch.Tensor]]:
+def _unpack(
+    flat: torch.Tensor, header: torch.Tensor, expected, max_norm: float
+) -> tuple[str | None, list[torch.Tensor]]:
     """Split a received flat payload by its header's counts and screen it like the simulator does."""
     counts = header[1:].tolist()
     if int(header[0]) != len(counts) or sum(counts) != flat.numel():
         return "a malformed header", []
     pieces = list(torch.split(flat, counts)) if counts else []
-    pieces = [p.to(dtype) for p, (_, dtype) in zip(pieces, expected)] + pieces[len(expected):]
+    pieces = [p.to(dtype) for p, (_, dtype) in zip(pieces, expected)] + pieces[len(expected) :]
     reason = check_parts(pieces, expected, max_norm)
     if reason:
         return reason, []

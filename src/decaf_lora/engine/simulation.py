@@ -93,7 +93,15 @@ def mixing_inputs(W: np.ndarray, own: list[int]) -> tuple[list[int], torch.Tenso
 class Simulation:
     """Build everything from a config (and optionally a ready task), then :meth:`run`."""
 
-    def __init__(self, cfg: RunConfig, task=None, run_dir: str | None = None, progress: bool = True, write: bool = True, resume: bool = False):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        task=None,
+        run_dir: str | None = None,
+        progress: bool = True,
+        write: bool = True,
+        resume: bool = False,
+    ):
         validate_config(cfg)
         self.cfg = cfg
         self.progress = progress
@@ -113,10 +121,21 @@ class Simulation:
         for p in base.parameters():
             p.requires_grad_(False)
         targets = cfg.lora.targets or list(self.task.default_targets)
-        self.model = attach_lora(base, targets, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.rslora, self.task.head_modules, seed=cfg.seed).to(self.device)
+        self.model = attach_lora(
+            base,
+            targets,
+            cfg.lora.rank,
+            cfg.lora.alpha,
+            cfg.lora.dropout,
+            cfg.lora.rslora,
+            self.task.head_modules,
+            seed=cfg.seed,
+        ).to(self.device)
         self.states = AgentStates(self.model, cfg.agents)
         params = self.states.parameters()
-        self.optimizers = [torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay) for _ in range(cfg.agents)]
+        self.optimizers = [
+            torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay) for _ in range(cfg.agents)
+        ]
         self._orders = [np.zeros(0, dtype=np.int64) for _ in range(cfg.agents)]
         self._cursor = [0] * cfg.agents
         self._batch_rng = [np.random.default_rng([cfg.seed, 31, a]) for a in range(cfg.agents)]
@@ -146,7 +165,9 @@ class Simulation:
                 "train_sizes": self.split.sizes.tolist(),
                 "local_eval_sizes": [len(x) for x in self.split.local_eval],
                 "histograms": part.histograms.tolist(),
-                "test_histogram": np.bincount(self.task.labels[self.split.test], minlength=len(self.task.examples.class_names)).tolist(),
+                "test_histogram": np.bincount(
+                    self.task.labels[self.split.test], minlength=len(self.task.examples.class_names)
+                ).tolist(),
                 "train": [x.tolist() for x in self.split.train],
                 "local_eval": [x.tolist() for x in self.split.local_eval],
                 "test": self.split.test.tolist(),
@@ -182,10 +203,14 @@ class Simulation:
             batch = to_device(self.task.batch(self._next_batch(agent)), self.device)
             loss = self.task.loss(self.model, batch)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"agent {agent} hit a non-finite loss at round {round_ + 1}; lower optim.lr (now {cfg.optim.lr}).")
+                raise FloatingPointError(
+                    f"agent {agent} hit a non-finite loss at round {round_ + 1}; lower optim.lr (now {cfg.optim.lr})."
+                )
             loss.backward()
             if cfg.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_([p for p in self.states.parameters() if p.grad is not None], cfg.optim.grad_clip)
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in self.states.parameters() if p.grad is not None], cfg.optim.grad_clip
+                )
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
@@ -294,7 +319,9 @@ class Simulation:
         if self.algorithm.communication == "none":
             return 0
         st = self.states
-        total = sum(self.algorithm.payload_numel(A.shape, B.shape, round_) * A.element_size() for A, B in zip(st.A, st.B))
+        total = sum(
+            self.algorithm.payload_numel(A.shape, B.shape, round_) * A.element_size() for A, B in zip(st.A, st.B)
+        )
         return total + sum(h[0].numel() * h.element_size() for h in st.H.values())
 
     # ---------------------------------------------------------------------------------------------- evaluation
@@ -356,7 +383,13 @@ class Simulation:
         if self.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=cfg.rounds, initial=self.start_round, desc=f"{self.algorithm.name} x{n}", unit="round", dynamic_ncols=True)
+            bar = tqdm(
+                total=cfg.rounds,
+                initial=self.start_round,
+                desc=f"{self.algorithm.name} x{n}",
+                unit="round",
+                dynamic_ncols=True,
+            )
         last_acc = float("nan")
         for t in range(self.start_round, cfg.rounds):
             self.states.set_trainable(self.algorithm.trainable(t))
@@ -382,24 +415,26 @@ class Simulation:
                     t_eval[a] = time.perf_counter() - t0
             rows = []
             for a in self.own:
-                rows.append({
-                    "round": t + 1,
-                    "agent": a,
-                    "train_loss": losses[a],
-                    "lr": lr_at((t + 1) * cfg.local_steps - 1, self.total_steps, cfg.optim),
-                    **evals[a],
-                    "consensus_distance": float(consensus[a]),
-                    **dict.fromkeys(DIAGNOSTICS),
-                    **{k: v.get(a) for k, v in mixed["diagnostics"].items()},
-                    "neighbors": int(np.count_nonzero(W[a]) - (W[a, a] != 0)),
-                    "absent": bool(absent[a]),
-                    "rejected": faults.rejected.get(a, []),
-                    "timed_out": faults.timed_out.get(a, []),
-                    "payload_rejected": faults.reasons.get(a),
-                    "bytes_sent": int(mixed["bytes"][a]),
-                    "bytes_received": int(mixed["bytes_received"][a]),
-                    "seconds": {"train": t_train[a], "mix": t_mix, "eval": t_eval[a]},
-                })
+                rows.append(
+                    {
+                        "round": t + 1,
+                        "agent": a,
+                        "train_loss": losses[a],
+                        "lr": lr_at((t + 1) * cfg.local_steps - 1, self.total_steps, cfg.optim),
+                        **evals[a],
+                        "consensus_distance": float(consensus[a]),
+                        **dict.fromkeys(DIAGNOSTICS),
+                        **{k: v.get(a) for k, v in mixed["diagnostics"].items()},
+                        "neighbors": int(np.count_nonzero(W[a]) - (W[a, a] != 0)),
+                        "absent": bool(absent[a]),
+                        "rejected": faults.rejected.get(a, []),
+                        "timed_out": faults.timed_out.get(a, []),
+                        "payload_rejected": faults.reasons.get(a),
+                        "bytes_sent": int(mixed["bytes"][a]),
+                        "bytes_received": int(mixed["bytes_received"][a]),
+                        "seconds": {"train": t_train[a], "mix": t_mix, "eval": t_eval[a]},
+                    }
+                )
             rows = sorted(self.collect(rows), key=lambda r: r["agent"])
             self.metrics += rows
             evaluated = [r["eval_accuracy"] for r in rows if "eval_accuracy" in r]
@@ -411,14 +446,20 @@ class Simulation:
                 save_checkpoint(self, t + 1, self._elapsed_before + time.perf_counter() - t_start)
             if bar is not None:
                 live = [r["train_loss"] for r in rows if r["train_loss"] is not None]
-                bar.set_postfix(loss=f"{np.mean(live):.3f}" if live else "-", acc="-" if np.isnan(last_acc) else f"{last_acc:.3f}")
+                bar.set_postfix(
+                    loss=f"{np.mean(live):.3f}" if live else "-", acc="-" if np.isnan(last_acc) else f"{last_acc:.3f}"
+                )
                 bar.update(1)
         if bar is not None:
             bar.close()
         summary = self.summarize(self._elapsed_before + time.perf_counter() - t_start)
         self.gather_states()
         if self.run_dir and self.writes:
-            save_tensors(os.path.join(self.run_dir, "adapters.safetensors"), self.states.state_dict(), {"format": "decaf-lora agents x factors"})
+            save_tensors(
+                os.path.join(self.run_dir, "adapters.safetensors"),
+                self.states.state_dict(),
+                {"format": "decaf-lora agents x factors"},
+            )
             write_json(os.path.join(self.run_dir, "summary.json"), summary)
             from ..report import write_report
 
@@ -446,10 +487,14 @@ class Simulation:
             "metric": self.task.metric,
             "final_accuracy": {"mean": float(acc.mean()), "min": float(acc.min()), "max": float(acc.max())},
             "final_f1_mean": float(np.mean([m["eval_f1"] for m in last])),
-            "final_local_accuracy_mean": float(np.mean([m["local_accuracy"] for m in last])) if "local_accuracy" in last[0] else None,
+            "final_local_accuracy_mean": float(np.mean([m["local_accuracy"] for m in last]))
+            if "local_accuracy" in last[0]
+            else None,
             "final_consensus_distance": float(np.mean([m["consensus_distance"] for m in last])),
             "majority_rate": float(test_hist.max() / test_hist.sum()),
-            "bytes_sent_per_agent": float(np.mean([sum(m["bytes_sent"] for m in self.metrics if m["agent"] == a) for a in range(cfg.agents)])),
+            "bytes_sent_per_agent": float(
+                np.mean([sum(m["bytes_sent"] for m in self.metrics if m["agent"] == a) for a in range(cfg.agents)])
+            ),
             "wall_seconds": wall,
             "adapter_bytes": self.states.adapter_bytes(),
         }
@@ -467,9 +512,15 @@ def resume(run_dir: str, overrides: list[str] | tuple[str, ...] = (), task=None,
     check_run_dir(run_dir, ("config.yaml",))
     stored = load_config(os.path.join(run_dir, "config.yaml"))
     wanted = load_config(stored.to_dict(), overrides)
-    differ = [f"{k}: {a!r} in the run, {b!r} now" for k, a, b in _diff(stored.to_dict(), wanted.to_dict()) if k != "device"]
+    differ = [
+        f"{k}: {a!r} in the run, {b!r} now" for k, a, b in _diff(stored.to_dict(), wanted.to_dict()) if k != "device"
+    ]
     if differ:
-        raise ConfigError([f"cannot resume {run_dir!r} with a different config ({'; '.join(differ)}); drop those overrides or start a new run."])
+        raise ConfigError(
+            [
+                f"cannot resume {run_dir!r} with a different config ({'; '.join(differ)}); drop those overrides or start a new run."
+            ]
+        )
     if os.path.exists(os.path.join(run_dir, "summary.json")):
         from ..rundir import read_metrics
 
@@ -489,7 +540,9 @@ def _diff(a: dict, b: dict, prefix: str = ""):
             yield prefix + k, a[k], b.get(k)
 
 
-def run(config, task=None, progress: bool = False, overrides: list[str] | tuple[str, ...] = (), write: bool = True) -> RunResult:
+def run(
+    config, task=None, progress: bool = False, overrides: list[str] | tuple[str, ...] = (), write: bool = True
+) -> RunResult:
     """Python entry point: ``decaf_lora.run("cfg.yaml")``, ``run(RunConfig(...))`` or ``run({"agents": 4, ...})``.
 
     Pass ``task`` to train your own model and data (see :class:`decaf_lora.tasks.ModuleTask`).

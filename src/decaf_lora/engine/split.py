@@ -26,7 +26,9 @@ class DataSplit:
         return np.array([len(t) for t in self.train])
 
 
-def split_data(labels: np.ndarray, cfg: RunConfig, keys: np.ndarray | None = None, test: np.ndarray | None = None) -> DataSplit:
+def split_data(
+    labels: np.ndarray, cfg: RunConfig, keys: np.ndarray | None = None, test: np.ndarray | None = None
+) -> DataSplit:
     """``test``: a fixed shared test set (a user's own); otherwise ``task.test_examples`` drawn at random."""
     n = len(labels)
     rng = np.random.default_rng([cfg.split_seed, 17])
@@ -36,7 +38,9 @@ def split_data(labels: np.ndarray, cfg: RunConfig, keys: np.ndarray | None = Non
     else:
         n_test = cfg.task.test_examples
         if n_test >= n:
-            raise ConfigError([f"task.test_examples={n_test} leaves no training data out of {n} examples; use fewer than {n}."])
+            raise ConfigError(
+                [f"task.test_examples={n_test} leaves no training data out of {n} examples; use fewer than {n}."]
+            )
         perm = rng.permutation(n)
         test, pool = np.sort(perm[:n_test]), perm[n_test:]
     if cfg.task.shots:
@@ -46,7 +50,11 @@ def split_data(labels: np.ndarray, cfg: RunConfig, keys: np.ndarray | None = Non
     elif cfg.task.train_examples and cfg.task.train_examples < len(pool):
         pool = pool[: cfg.task.train_examples]
     if cfg.agents > len(pool):
-        raise ConfigError([f"agents={cfg.agents} is more than the {len(pool)} training examples; use fewer agents or raise task.train_examples."])
+        raise ConfigError(
+            [
+                f"agents={cfg.agents} is more than the {len(pool)} training examples; use fewer agents or raise task.train_examples."
+            ]
+        )
     scheme = cfg.partition.scheme.strip().lower().replace("-", "_")
     params = {
         "dirichlet": {"alpha": cfg.partition.alpha, "min_size": min(cfg.partition.min_size, len(pool) // cfg.agents)},
@@ -62,7 +70,11 @@ def split_data(labels: np.ndarray, cfg: RunConfig, keys: np.ndarray | None = Non
     train, local = [], []
     for a, ix in enumerate(part.indices):
         if len(ix) == 0:
-            raise ConfigError([f"partition.scheme={scheme} left agent {a} without data; use fewer agents, more data or another scheme."])
+            raise ConfigError(
+                [
+                    f"partition.scheme={scheme} left agent {a} without data; use fewer agents, more data or another scheme."
+                ]
+            )
         mine = pool[ix][np.random.default_rng([cfg.split_seed, 23, a]).permutation(len(ix))]
         k = min(cfg.partition.local_eval, len(mine) // 5)
         local.append(np.sort(mine[:k]))

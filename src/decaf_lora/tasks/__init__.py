@@ -36,5 +36,9 @@ def build_task(cfg: RunConfig) -> Task:
 
 def _label_names(names: list, found: list[str]) -> list[str]:
     if len(names) != len(found):
-        raise ConfigError([f"task.label_names has {len(names)} names but the data has {len(found)} classes ({', '.join(found)}); give one name per class."])
+        raise ConfigError(
+            [
+                f"task.label_names has {len(names)} names but the data has {len(found)} classes ({', '.join(found)}); give one name per class."
+            ]
+        )
     return [str(n) for n in names]

@@ -57,7 +57,9 @@ class Task(abc.ABC):
         return indices
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, indices: Sequence[int], batch_size: int, device: torch.device) -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, indices: Sequence[int], batch_size: int, device: torch.device
+    ) -> dict[str, float]:
         """Loss, accuracy and macro-F1 of ``model`` on ``indices``."""
         if len(indices) == 0:
             return {}
@@ -74,7 +76,11 @@ class Task(abc.ABC):
         model.train(was_training)
         pred = torch.cat(preds).numpy()
         true = self.labels[indices]
-        return {"loss": total_loss / len(indices), "accuracy": float((pred == true).mean()), "f1": macro_f1(true, pred, len(self.examples.class_names))}
+        return {
+            "loss": total_loss / len(indices),
+            "accuracy": float((pred == true).mean()),
+            "f1": macro_f1(true, pred, len(self.examples.class_names)),
+        }
 
 
 def macro_f1(true: np.ndarray, pred: np.ndarray, n_classes: int) -> float:

@@ -26,7 +26,9 @@ class CausalLM(Task):
     default_targets = ("q_proj", "v_proj")
     head_modules = ()
 
-    def __init__(self, examples: Examples, model: str = "random-tiny-llama", max_length: int = 128, dtype: str = "float32"):
+    def __init__(
+        self, examples: Examples, model: str = "random-tiny-llama", max_length: int = 128, dtype: str = "float32"
+    ):
         quiet_transformers()
         self.examples = examples
         self.max_length = max_length
@@ -103,6 +105,8 @@ class CausalLM(Task):
         idx = batch["index"].cpu().numpy()
         scores = []
         for c in range(len(self.answers)):
-            lp_c, n_c, _ = self._answer_logprob(model, {k: v.to(device) for k, v in self._sequences(idx, lambda i, c=c: c).items()})
+            lp_c, n_c, _ = self._answer_logprob(
+                model, {k: v.to(device) for k, v in self._sequences(idx, lambda i, c=c: c).items()}
+            )
             scores.append(lp_c / n_c)  # per-token: a longer answer is not penalized for its length
         return loss, torch.stack(scores, dim=1).argmax(1)

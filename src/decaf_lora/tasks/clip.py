@@ -26,7 +26,9 @@ class ClipFewShot(Task):
     default_targets = ("q_proj", "k_proj", "v_proj")
     head_modules = ()
 
-    def __init__(self, examples: Examples, model: str = "random-tiny-clip", logit_scale: float = 100.0, dtype: str = "float32"):
+    def __init__(
+        self, examples: Examples, model: str = "random-tiny-clip", logit_scale: float = 100.0, dtype: str = "float32"
+    ):
         quiet_transformers()
         self.examples = examples
         self.logit_scale = logit_scale
@@ -62,10 +64,16 @@ class ClipFewShot(Task):
 
     def batch(self, indices) -> dict[str, torch.Tensor]:
         idx = np.asarray(indices, dtype=np.int64)
-        return {"pixel_values": self._pixels([self.examples.inputs[i] for i in idx]).to(self.dtype), "labels": torch.from_numpy(self.labels[idx]), **self._text}
+        return {
+            "pixel_values": self._pixels([self.examples.inputs[i] for i in idx]).to(self.dtype),
+            "labels": torch.from_numpy(self.labels[idx]),
+            **self._text,
+        }
 
     def _logits(self, model, batch) -> torch.Tensor:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"])
+        out = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"]
+        )
         return self.logit_scale * out.image_embeds.float() @ out.text_embeds.float().T  # embeds are L2-normalized
 
     def loss(self, model, batch):

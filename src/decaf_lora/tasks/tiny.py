@@ -29,7 +29,12 @@ class WordTokenizer:
         return len(self.vocab) + 4
 
     def __call__(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
-        rows = [[self.bos_token_id] + [self.vocab.get(w, self.unk_token_id) for w in self.split(t)][: max_length - 2] + [self.eos_token_id] for t in texts]
+        rows = [
+            [self.bos_token_id]
+            + [self.vocab.get(w, self.unk_token_id) for w in self.split(t)][: max_length - 2]
+            + [self.eos_token_id]
+            for t in texts
+        ]
         width = max(len(r) for r in rows)
         ids = torch.tensor([r + [self.pad_token_id] * (width - len(r)) for r in rows])
         return {"input_ids": ids, "attention_mask": (ids != self.pad_token_id).long()}
@@ -48,9 +53,20 @@ class ByteTokenizer:
 def tiny_clip(vocab_size: int, seed: int = 0):
     from transformers import CLIPConfig, CLIPModel
 
-    text = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                max_position_embeddings=32, eos_token_id=WordTokenizer.eos_token_id, pad_token_id=0, bos_token_id=1)
-    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    text = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+        eos_token_id=WordTokenizer.eos_token_id,
+        pad_token_id=0,
+        bos_token_id=1,
+    )
+    vision = dict(
+        image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
+    )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=32))
@@ -59,8 +75,19 @@ def tiny_clip(vocab_size: int, seed: int = 0):
 def tiny_llama(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=ByteTokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=4, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=ByteTokenizer.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return LlamaForCausalLM(cfg)

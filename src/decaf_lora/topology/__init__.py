@@ -27,9 +27,23 @@ from .mixing import (
 from .schedules import SCHEDULES, LinkFailures, OnePeerExponential, RandomMatching, Schedule, Static, make_schedule
 
 __all__ = [
-    "GRAPHS", "RULES", "SCHEDULES", "Topology", "Schedule", "Static", "OnePeerExponential", "RandomMatching",
-    "LinkFailures", "make_schedule", "build_graph", "mixing_matrix", "validate_mixing_matrix", "second_eigenvalue",
-    "spectral_gap", "graph_of", "make_lazy",
+    "GRAPHS",
+    "RULES",
+    "SCHEDULES",
+    "Topology",
+    "Schedule",
+    "Static",
+    "OnePeerExponential",
+    "RandomMatching",
+    "LinkFailures",
+    "make_schedule",
+    "build_graph",
+    "mixing_matrix",
+    "validate_mixing_matrix",
+    "second_eigenvalue",
+    "spectral_gap",
+    "graph_of",
+    "make_lazy",
 ]
 
 

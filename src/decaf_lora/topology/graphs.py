@@ -53,7 +53,9 @@ def _grid_shape(n: int, rows: int | None, cols: int | None, name: str) -> tuple[
         rows = _check_agents(rows, name="rows")
         cols = n // rows
     if rows * cols != n:
-        raise TopologyError(f"{name} rows={rows} x cols={cols} != agents={n}; pick rows and cols whose product is the number of agents.")
+        raise TopologyError(
+            f"{name} rows={rows} x cols={cols} != agents={n}; pick rows and cols whose product is the number of agents."
+        )
     return int(rows), int(cols)
 
 
@@ -191,7 +193,9 @@ def edge_list(n: int | None = None, edges: str | os.PathLike | Iterable[Sequence
     g = _empty(n)
     for a, b in pairs:
         if not (0 <= a < n and 0 <= b < n):
-            raise TopologyError(f"edge ({a}, {b}) names an agent outside 0..{n - 1}; fix the edge list or raise agents.")
+            raise TopologyError(
+                f"edge ({a}, {b}) names an agent outside 0..{n - 1}; fix the edge list or raise agents."
+            )
         if a != b:  # self-loops carry no information: every agent always keeps a self weight
             g.add_edge(int(a), int(b))
     return g
@@ -210,7 +214,13 @@ GRAPHS: dict[str, Callable[..., nx.Graph]] = {
     "edges": edge_list,
 }
 
-_ALIASES = {"fully_connected": "complete", "full": "complete", "er": "erdos_renyi", "hub": "bipartite", "edge_list": "edges"}
+_ALIASES = {
+    "fully_connected": "complete",
+    "full": "complete",
+    "er": "erdos_renyi",
+    "hub": "bipartite",
+    "edge_list": "edges",
+}
 
 
 def canonical_graph_name(name: str) -> str:

@@ -24,7 +24,9 @@ def _degrees(g: nx.Graph) -> np.ndarray:
 def _check_nodes(g: nx.Graph) -> int:
     n = g.number_of_nodes()
     if sorted(g.nodes) != list(range(n)):
-        raise TopologyError("the graph's nodes must be the integers 0..n-1; relabel it (networkx.convert_node_labels_to_integers).")
+        raise TopologyError(
+            "the graph's nodes must be the integers 0..n-1; relabel it (networkx.convert_node_labels_to_integers)."
+        )
     return n
 
 
@@ -85,7 +87,12 @@ RULES: dict[str, Callable[[nx.Graph], np.ndarray]] = {
     "max-degree": max_degree,
     "lazy": lazy,
 }
-_ALIASES = {"mh": "metropolis", "metropolis-hastings": "metropolis", "max_degree": "max-degree", "maxdegree": "max-degree"}
+_ALIASES = {
+    "mh": "metropolis",
+    "metropolis-hastings": "metropolis",
+    "max_degree": "max-degree",
+    "maxdegree": "max-degree",
+}
 
 
 def canonical_rule_name(rule: str) -> str:
@@ -114,7 +121,12 @@ def graph_of(w: np.ndarray, atol: float = ATOL) -> nx.Graph:
 
 
 def validate_mixing_matrix(
-    w: np.ndarray, graph: nx.Graph | None = None, *, require_connected: bool = True, atol: float = ATOL, name: str = "mixing matrix"
+    w: np.ndarray,
+    graph: nx.Graph | None = None,
+    *,
+    require_connected: bool = True,
+    atol: float = ATOL,
+    name: str = "mixing matrix",
 ) -> np.ndarray:
     """Check that ``w`` can drive gossip; raise one :class:`TopologyError` sentence naming the first problem found.
 
@@ -134,22 +146,32 @@ def validate_mixing_matrix(
     asym = np.abs(w - w.T)
     if asym.max() > atol:
         i, j = np.unravel_index(np.argmax(asym), w.shape)
-        raise TopologyError(f"{name} is not symmetric: w[{i},{j}]={w[i, j]:.6g} but w[{j},{i}]={w[j, i]:.6g}; use w_ij = w_ji.")
+        raise TopologyError(
+            f"{name} is not symmetric: w[{i},{j}]={w[i, j]:.6g} but w[{j},{i}]={w[j, i]:.6g}; use w_ij = w_ji."
+        )
     rows = np.abs(w.sum(axis=1) - 1.0)
     if rows.max() > 1e-6:
         i = int(np.argmax(rows))
-        raise TopologyError(f"{name} row {i} sums to {w[i].sum():.6g}; every row and column must sum to 1 (doubly stochastic).")
+        raise TopologyError(
+            f"{name} row {i} sums to {w[i].sum():.6g}; every row and column must sum to 1 (doubly stochastic)."
+        )
     if graph is not None:
         if graph.number_of_nodes() != n:
-            raise TopologyError(f"{name} is {n} x {n} but the graph has {graph.number_of_nodes()} agents; they must match.")
+            raise TopologyError(
+                f"{name} is {n} x {n} but the graph has {graph.number_of_nodes()} agents; they must match."
+            )
         allowed = nx.to_numpy_array(graph, nodelist=range(n)) > 0
         np.fill_diagonal(allowed, True)
         off = np.abs(w) * ~allowed
         if off.max() > atol:
             i, j = np.unravel_index(np.argmax(off), w.shape)
-            raise TopologyError(f"{name} puts weight {w[i, j]:.3g} on ({i}, {j}), which is not an edge of the graph; weights must be zero off the graph.")
+            raise TopologyError(
+                f"{name} puts weight {w[i, j]:.3g} on ({i}, {j}), which is not an edge of the graph; weights must be zero off the graph."
+            )
     if require_connected and n > 1 and not nx.is_connected(graph_of(w, atol) if graph is None else graph):
-        raise TopologyError(f"the graph of the {name} is not connected, so agents can never agree; add edges so every agent can reach every other.")
+        raise TopologyError(
+            f"the graph of the {name} is not connected, so agents can never agree; add edges so every agent can reach every other."
+        )
     return w
 
 

@@ -47,7 +47,9 @@ class Schedule(abc.ABC):
             w = validate_mixing_matrix(self.matrix(t), require_connected=False, name=f"mixing matrix of round {t}")
             union.add_edges_from(graph_of(w).edges)
         if self.n_agents > 1 and not nx.is_connected(union):
-            raise TopologyError(f"{type(self).__name__} never connects all agents over {self.period} rounds; use a connected base graph.")
+            raise TopologyError(
+                f"{type(self).__name__} never connects all agents over {self.period} rounds; use a connected base graph."
+            )
 
 
 class Static(Schedule):
@@ -114,7 +116,15 @@ class LinkFailures(Schedule):
     diagonals instead. A round may be disconnected; over many rounds the base graph's links all appear.
     """
 
-    def __init__(self, graph: nx.Graph, p: float, rule: str = "metropolis", seed: int = 0, base_matrix: np.ndarray | None = None, check_rounds: int = 64):
+    def __init__(
+        self,
+        graph: nx.Graph,
+        p: float,
+        rule: str = "metropolis",
+        seed: int = 0,
+        base_matrix: np.ndarray | None = None,
+        check_rounds: int = 64,
+    ):
         if not isinstance(p, (int, float)) or not 0 <= p < 1:
             raise TopologyError(f"link failure probability p={p!r} is invalid; use a number in [0, 1).")
         self.graph, self.p, self.seed = graph, float(p), int(seed)
@@ -164,7 +174,13 @@ def make_schedule(kind: str, topology, seed: int = 0, p: float = 0.0) -> Schedul
         sched = RandomMatching(topology.graph, seed)
     elif key == "link_failures":
         explicit = topology.rule == "explicit"
-        sched = LinkFailures(topology.graph, p, rule="metropolis" if explicit else topology.rule, seed=seed, base_matrix=topology.matrix if explicit else None)
+        sched = LinkFailures(
+            topology.graph,
+            p,
+            rule="metropolis" if explicit else topology.rule,
+            seed=seed,
+            base_matrix=topology.matrix if explicit else None,
+        )
     else:
         raise choice_error(TopologyError, "schedule", kind, SCHEDULES)
     return sched
