@@ -25,31 +25,37 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import write_json_atomically  # noqa: E402
 
 from decaf_lora.config import load_config  # noqa: E402
-from decaf_lora.engine import Simulation  # noqa: E402
+from decaf_lora.engine import Engine, make_engine  # noqa: E402
+from decaf_lora.payload import PayloadSpec  # noqa: E402
 from decaf_lora.tasks.base import to_device  # noqa: E402
 
 DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_engine.json")
 SMALL = ["task.train_examples=2000", "task.test_examples=64", "partition.local_eval=0", "rounds=100", "eval_every=1000"]
 
 
-def one_round(sim: Simulation, t: int) -> float:
-    """Train every agent and mix, as the engine's loop does (no evaluation); returns seconds."""
+def one_round(sim: Engine, t: int) -> float:
+    """One round of the engine's own loop (training, exchange, mix; the config evaluates never); returns seconds."""
     t0 = time.perf_counter()
-    sim.states.set_trainable(sim.algorithm.trainable(t))
-    W, _ = sim.round_plan(t)
-    for a in sim.own:
-        sim.train_agent(a, t)
-    sim.exchange_and_mix(t, W)
+    sim.run_round(t)
     return time.perf_counter() - t0
 
 
-def plain_peft_round(sim: Simulation, t: int, opt) -> float:
+def mix_only(sim: Engine, t: int) -> float:
+    """The exchange and mixing step alone, through the engine's public hooks; returns seconds."""
+    t0 = time.perf_counter()
+    plan = sim.algorithm.plan(t, sim.network)
+    spec = PayloadSpec.of(sim.states, sim.algorithm.sends(t))
+    sim.mix_own(t, plan.W, sim.exchange(t, plan, spec).received, spec)
+    return time.perf_counter() - t0
+
+
+def plain_peft_round(sim: Engine, t: int, opt) -> float:
     """The same agents' batches through one PEFT model with plain AdamW steps: no swaps, no mixing, no seeding."""
     t0 = time.perf_counter()
     sim.model.train()
     for a in sim.own:
         for _ in range(sim.cfg.local_steps):
-            batch = to_device(sim.task.batch(sim._next_batch(a)), sim.device)
+            batch = to_device(sim.task.batch(sim.training.batches.next(a)), sim.device)
             loss = sim.task.loss(sim.model, batch)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in sim.states.parameters() if p.grad is not None], 1.0)
@@ -60,7 +66,7 @@ def plain_peft_round(sim: Simulation, t: int, opt) -> float:
 
 def memory_child(agents: int) -> None:
     cfg = load_config(None, [*SMALL, f"agents={agents}", "rounds=1", "local_steps=2"])
-    sim = Simulation(cfg, progress=False, write=False)
+    sim = make_engine(cfg, progress=False, write=False)
     one_round(sim, 0)
     import psutil
 
@@ -79,10 +85,10 @@ def memory_child(agents: int) -> None:
 def timed_rounds(reps: int) -> dict:
     """One round of DeCAF, of DLoRA and of plain PEFT training on the same batches, interleaved."""
     sims = {
-        name: Simulation(load_config(None, [*SMALL, f"algorithm={name}"]), progress=False, write=False)
+        name: make_engine(load_config(None, [*SMALL, f"algorithm={name}"]), progress=False, write=False)
         for name in ("decaf", "dlora")
     }
-    plain = Simulation(load_config(None, [*SMALL, "algorithm=local"]), progress=False, write=False)
+    plain = make_engine(load_config(None, [*SMALL, "algorithm=local"]), progress=False, write=False)
     plain_opt = torch.optim.AdamW(plain.states.parameters(), lr=plain.cfg.optim.lr)
     samples: dict[str, list[float]] = {"decaf": [], "dlora": [], "plain_peft": []}
     one_round(sims["decaf"], 0), one_round(sims["dlora"], 0), plain_peft_round(plain, 0, plain_opt)  # warm-up
@@ -93,9 +99,7 @@ def timed_rounds(reps: int) -> dict:
     med = {k: statistics.median(v) for k, v in samples.items()}
     mix_share = {}
     for name, sim in sims.items():
-        t0 = time.perf_counter()
-        sim.exchange_and_mix(reps + 1, sim.round_plan(reps + 1)[0])
-        mix_share[name] = time.perf_counter() - t0
+        mix_share[name] = mix_only(sim, reps + 1)
     print(
         f"MiniLM demo round (8 agents x {sims['decaf'].cfg.local_steps} steps + mix), median of {reps}, seconds: "
         + ", ".join(f"{k} {v:.2f}" for k, v in med.items())

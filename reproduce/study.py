@@ -149,20 +149,23 @@ def run_one(run: Run, runs_dir: str) -> dict:
     torch.set_num_threads(1)  # the study runs one process per core
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.path.insert(0, HERE)
-    from shadow import ShadowConsensusSimulation
+    from shadow import ShadowConsensus
 
+    from decaf_lora import algorithms
     from decaf_lora.config import load_config
-    from decaf_lora.engine.checkpoint import FILE as CHECKPOINT_FILE
+    from decaf_lora.engine import checkpoint, make_engine
 
     run_dir = os.path.join(runs_dir, *run.key.split("/"))
     cfg = load_config(None, [*run.overrides, f"name={run.key.replace('/', '-')}", f"out_dir={runs_dir}"])
-    cls = ShadowConsensusSimulation
+    wrapped = None
+    if cfg.algorithm in ("decaf", "dlora"):  # C5: both consensus rules on the same factors, every round
+        wrapped = ShadowConsensus(algorithms.get(cfg.algorithm, **cfg.algorithm_options))
     if not os.path.exists(os.path.join(run_dir, "summary.json")):
-        resumable = os.path.exists(os.path.join(run_dir, CHECKPOINT_FILE))
+        resumable = bool(checkpoint.list_shards(run_dir))
         if not resumable and os.path.isdir(run_dir):
-            shutil.rmtree(run_dir)  # started but no round finished: nothing to keep
+            shutil.rmtree(run_dir)  # a run of this study that finished no round: nothing to keep
         os.makedirs(os.path.dirname(run_dir), exist_ok=True)
-        cls(cfg, run_dir=run_dir, progress=False, resume=resumable).run()
+        make_engine(cfg, algorithm=wrapped, run_dir=run_dir, resume=resumable, progress=False).run()
     return record(run, run_dir)
 
 
@@ -170,8 +173,10 @@ def record(run: Run, run_dir: str) -> dict:
     """What the report needs from a run directory: the summary and the per-round means of the logged diagnostics."""
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
+    from shadow import with_relative_gap
+
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        metrics = [json.loads(line) for line in f if line.strip()]
+        metrics = with_relative_gap([json.loads(line) for line in f if line.strip()])
     rounds = sorted({m["round"] for m in metrics})
     per_round = {}
     for key in (

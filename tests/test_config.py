@@ -72,12 +72,12 @@ def test_every_problem_is_reported_at_once_one_sentence_each():
     expected = [
         "unknown field 'lora.rnk'; did you mean 'lora.rank'?",
         "rounds='abc' has the wrong type; it must be an integer.",
-        "agents=0 is too small; use a value >= 1.",
-        "algorithm='decaff' is not known; choose one of: decaf, dlora, dlora-fa, fedavg, local.",
+        "agents=0 is too small; use a value in [1, 4096].",
+        "algorithm='decaff' is not known; choose one of: decaf, dlora, dlora-fa",
         "topology.name='moon' is not known",
-        "optim.lr=-1.0 is invalid",
-        "lora.dropout=1.5 is invalid",
-        "partition.scheme='zipf' is not known; choose one of: dirichlet, iid, natural, round_robin, shards.",
+        "optim.lr=-1.0 is too small; use a value > 0.",
+        "lora.dropout=1.5 is too large; use a value in [0, 1).",
+        "partition.scheme='zipf' is not known; choose one of: dirichlet, iid, natural, round-robin, shards.",
     ]
     assert len(problems) == len(expected)
     for want in expected:
@@ -98,8 +98,8 @@ def test_every_problem_is_reported_at_once_one_sentence_each():
             "optim.state_after_mix=sometimes",
             "optim.state_after_mix='sometimes' is not known; choose one of: keep, reset.",
         ),
-        ("task.kind=speech", "task.kind='speech' is not known; choose one of: causal_lm, clip, text."),
-        ("topology.link_drop=1", "topology.link_drop=1.0 is invalid; use a probability in [0, 1)."),
+        ("task.kind=speech", "task.kind='speech' is not known; choose one of: causal-lm, clip, text."),
+        ("topology.link_drop=1", "topology.link_drop=1.0 is too large; use a value in [0, 1)."),
         ("partition=natural", "partition.scheme=natural needs partition.key"),
         ("lora.targets=7", "lora.targets=7 has the wrong type; it must be a list."),
     ],

@@ -8,7 +8,7 @@ import torch
 
 from decaf_lora.adapters import agent_state, consensus_state
 from decaf_lora.config import load_config
-from decaf_lora.engine import Simulation
+from decaf_lora.engine import make_engine
 from decaf_lora.errors import DecafError
 from decaf_lora.export import export_adapter
 
@@ -21,7 +21,7 @@ def finished_run(tiny_bert_dir, tmp_path_factory):
     cfg = load_config(
         None, tiny_text_overrides(tiny_bert_dir, str(out), rounds=2, **{"lora.rank": 3, "lora.alpha": 12})
     )
-    sim = Simulation(cfg, progress=False)
+    sim = make_engine(cfg, progress=False)
     sim.run()
     return sim
 

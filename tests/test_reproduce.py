@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.join(ROOT, "reproduce"))
 import study  # noqa: E402
 import synthetic  # noqa: E402
 from conftest import TinyMLP  # noqa: E402
-from shadow import ShadowConsensusSimulation, fro_of_product  # noqa: E402
+from shadow import ShadowConsensus, fro_of_product, with_relative_gap  # noqa: E402
 
 from decaf_lora.config import load_config  # noqa: E402
 from decaf_lora.tasks import ModuleTask  # noqa: E402
@@ -55,23 +55,33 @@ def test_shadow_logs_the_dense_difference_between_decaf_and_dlora_on_the_same_fa
             "partition": {"scheme": "iid", "local_eval": 0},
         }
     )
-    sim = ShadowConsensusSimulation(cfg, task=task, progress=False, write=False)
+    from decaf_lora import algorithms
+    from decaf_lora.engine import make_engine
+
+    sim = make_engine(cfg, task, algorithm=ShadowConsensus(algorithms.get(algo)), progress=False, write=False)
     st = sim.states
     for A, B in zip(st.A, st.B):  # agents with different factors, as after local training
         A.copy_(torch.randn(A.shape, generator=gen))
         B.copy_(torch.randn(B.shape, generator=gen))
     before = [(A.double().clone(), B.double().clone()) for A, B in zip(st.A, st.B)]
-    W = sim.round_plan(0)[0]
-    diag = sim.apply_mixing(0, W, sim.own)
-    Wt = torch.from_numpy(W)
+    plan = sim.algorithm.plan(0, sim.network)
+    from decaf_lora.payload import PayloadSpec
+
+    spec = PayloadSpec.of(st, sim.algorithm.sends(0))
+    diag = sim.mix_own(0, plan.W, sim.exchange(0, plan, spec).received, spec)
+    Wt = torch.from_numpy(plan.W)
     gap2 = torch.zeros(4, dtype=torch.float64)
+    norm2 = torch.zeros(4, dtype=torch.float64)
     for layer, (A, B) in zip(st.layers, before):
         U, S, Vh = torch.linalg.svd(torch.einsum("ij,jdk->idk", Wt, B @ A))  # DeCAF: best rank-2 of the mixed product
         decaf = (U[..., :2] * S[..., None, :2]) @ Vh[..., :2, :]
         dlora = torch.einsum("ij,jdr->idr", Wt, B) @ torch.einsum("ij,jrk->irk", Wt, A)
         gap2 += (layer.scale * torch.linalg.matrix_norm(decaf - dlora)) ** 2
+        norm2 += (layer.scale * torch.linalg.matrix_norm(decaf)) ** 2
     assert np.allclose([diag["shadow_dlora_gap"][a] for a in range(4)], gap2.sqrt().numpy(), rtol=1e-6)
     assert all(v > 0 for v in diag["shadow_dlora_interference"].values())
+    rows = with_relative_gap([{"shadow_dlora_gap": diag["shadow_dlora_gap"][a], "shadow_decaf_norm": diag["shadow_decaf_norm"][a]} for a in range(4)])
+    assert np.allclose([r["shadow_dlora_gap_relative"] for r in rows], (gap2.sqrt() / norm2.sqrt()).numpy(), rtol=1e-6)
 
 
 def test_synthetic_gradient_is_the_autograd_gradient_of_the_mean_loss(gen):

@@ -8,7 +8,8 @@ importable on their own: :mod:`decaf_lora.topology` (graphs, mixing matrices, sc
 
 from . import algorithms, lowrank, partition, topology
 from .config import ConfigError, RunConfig, load_config
-from .engine import RunResult, run
+from .compare import compare
+from .engine import RunResult, make_engine, resume, run
 from .errors import DecafError
 from .lowrank import split_factors, truncated_svd_of_sum
 from .partition import Partition, make_partition
@@ -26,6 +27,9 @@ __all__ = [
     "RunResult",
     "load_config",
     "run",
+    "resume",
+    "make_engine",
+    "compare",
     "Topology",
     "Partition",
     "make_partition",

@@ -20,18 +20,20 @@ import torch
 from torch import nn
 
 from .config import ConfigError
+from .errors import DecafError
 
 ADAPTER = "default"
 
 
 @dataclass
 class AdaptedLayer:
-    """One LoRA-adapted linear map: ``W0 + scale * B A``."""
+    """One LoRA-adapted linear map: ``W0 + scale * B A`` (+ a per-agent dense correction ``E`` where a method adds one)."""
 
     name: str
     A: nn.Parameter  # (r, k)
     B: nn.Parameter  # (d, r)
     scale: float
+    module: nn.Module | None = None  # the PEFT LoRA layer (its base_layer is the frozen linear map)
 
 
 def attach_lora(
@@ -83,17 +85,39 @@ def attach_lora(
         return peft.get_peft_model(model, cfg)
 
 
+def heads_in_float32(peft_model: nn.Module) -> None:
+    """Train the heads (PEFT's ``modules_to_save`` copies) in float32 whatever the base model's dtype.
+
+    A half-precision head updated by AdamW in half precision loses its small updates (bfloat16) or overflows to NaN
+    within a step (float16): mixed precision keeps the trainable parameters and their optimizer state in float32.
+    The head's inputs are cast up on the way in and its output back to the dtype the rest of the model expects.
+    PEFT already keeps LoRA factors in float32 (``autocast_adapter_dtype``).
+    """
+    from peft.utils import ModulesToSaveWrapper
+
+    for wrapper in [m for m in peft_model.modules() if isinstance(m, ModulesToSaveWrapper)]:
+        head = wrapper.modules_to_save[ADAPTER]
+        dtypes = {p.dtype for p in head.parameters()}
+        if not dtypes or dtypes == {torch.float32}:
+            continue
+        outer = next(iter(dtypes))
+        head.float()
+        head.register_forward_pre_hook(
+            lambda mod, args: tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+        )
+        head.register_forward_hook(
+            lambda mod, args, out, dt=outer: out.to(dt) if torch.is_tensor(out) and out.is_floating_point() else out
+        )
+
+
 def adapted_layers(peft_model: nn.Module) -> list[AdaptedLayer]:
     from peft.tuners.lora import LoraLayer
 
     out = []
     for name, module in peft_model.named_modules():
         if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
-            out.append(
-                AdaptedLayer(
-                    name, module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight, float(module.scaling[ADAPTER])
-                )
-            )
+            A, B = module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight
+            out.append(AdaptedLayer(name, A, B, float(module.scaling[ADAPTER]), module))
     return out
 
 
@@ -107,23 +131,51 @@ def head_parameters(peft_model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 class AgentStates:
-    """Every agent's adapter as stacked tensors, and the swap in/out of the model's single LoRA slot."""
+    """Every agent's adapter as stacked tensors, and the swap in/out of the model's single LoRA slot.
 
-    def __init__(self, peft_model: nn.Module, n_agents: int):
+    Per adapted layer ``l``: ``A[l]`` (agents, r, k), ``B[l]`` (agents, d, r), ``ranks[l]`` (agents,) and, for
+    methods that correct the frozen weight, ``E[l]`` (agents, d, k); ``H`` holds the trained heads. Agents of
+    different ranks are stored zero-padded to the width ``r``: agent a owns the first ``ranks[l][a]`` columns of
+    B and rows of A, and the padded entries stay zero through training (their gradients are zero) and mixing.
+    """
+
+    def __init__(self, peft_model: nn.Module, n_agents: int, ranks: list[int] | None = None, base_correction: bool = False):
         self.model = peft_model
         self.layers = adapted_layers(peft_model)
         self.heads = head_parameters(peft_model)
         if not self.layers:
             raise ConfigError(["lora.targets adapted no layer of the model; name linear modules such as query, value."])
         self.n_agents = n_agents
+        width = self.layers[0].A.shape[0]
+        per_agent = torch.tensor(ranks if ranks is not None else [width] * n_agents, dtype=torch.long)
+        self.ranks = [per_agent.clone() for _ in self.layers]
         with torch.no_grad():
             self.A = [layer.A.detach().unsqueeze(0).repeat(n_agents, 1, 1) for layer in self.layers]
             self.B = [layer.B.detach().unsqueeze(0).repeat(n_agents, 1, 1) for layer in self.layers]
             self.H = {n: p.detach().unsqueeze(0).repeat(n_agents, *([1] * p.ndim)) for n, p in self.heads.items()}
+            if ranks is not None:  # every agent starts from the common A, cut to its own rank
+                for l in range(len(self.layers)):
+                    self.B[l], self.A[l] = mask_to_ranks(self.B[l], self.A[l], self.ranks[l])
+        self.E: list[torch.Tensor] | None = None
+        self._current = 0
+        if base_correction:
+            self.E = [layer.B.new_zeros(n_agents, layer.B.shape[0], layer.A.shape[1]) for layer in self.layers]
+            for l, layer in enumerate(self.layers):
+                layer.module.base_layer.register_forward_hook(self._correction_hook(l))
+
+    def _correction_hook(self, l: int):
+        """Adds the loaded agent's dense correction ``x E^T`` to the frozen layer's output (exact, no weight edits)."""
+
+        def hook(module, inputs, output):
+            E = self.E[l][self._current]
+            return output + nn.functional.linear(inputs[0].to(E.dtype), E).to(output.dtype)
+
+        return hook
 
     @torch.no_grad()
     def load(self, agent: int) -> None:
         """Put ``agent``'s adapter into the model."""
+        self._current = agent
         for layer, A, B in zip(self.layers, self.A, self.B):
             layer.A.copy_(A[agent])
             layer.B.copy_(B[agent])
@@ -139,42 +191,69 @@ class AgentStates:
         for n, p in self.heads.items():
             self.H[n][agent].copy_(p)
 
-    def set_trainable(self, factors: Iterable[str]) -> None:
-        factors = set(factors)
+    def set_trainable(self, parts: Iterable[str]) -> None:
+        """Gradients for the named parts only ("A", "B", "head"); a frozen parameter gets no grad, so AdamW skips it
+        (no update, no weight decay) and keeps whatever moments it had."""
+        parts = set(parts)
         for layer in self.layers:
-            layer.A.requires_grad_("A" in factors)
-            layer.B.requires_grad_("B" in factors)
+            layer.A.requires_grad_("A" in parts)
+            layer.B.requires_grad_("B" in parts)
+        for p in self.heads.values():
+            p.requires_grad_("head" in parts)
 
     def parameters(self) -> list[nn.Parameter]:
-        """Every parameter an agent may train (factor freezing is done with requires_grad)."""
+        """Every parameter an agent may train (freezing is done with requires_grad)."""
         return [p for layer in self.layers for p in (layer.A, layer.B)] + list(self.heads.values())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Flat name -> (agents, ...) tensor map for safetensors."""
+        """Flat name -> (agents, ...) tensor map for safetensors: factors, heads, ranks and base corrections."""
         out = {}
-        for layer, A, B in zip(self.layers, self.A, self.B):
+        for l, (layer, A, B) in enumerate(zip(self.layers, self.A, self.B)):
             out[f"{layer.name}.lora_A"] = A.contiguous()
             out[f"{layer.name}.lora_B"] = B.contiguous()
+            out[f"{layer.name}.rank"] = self.ranks[l].clone()
+            if self.E is not None:
+                out[f"{layer.name}.base_correction"] = self.E[l].contiguous()
         for n, h in self.H.items():
             out[f"head::{n}"] = h.contiguous()
         return out
 
-    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], agents=None) -> None:
+        """Restore every agent (or only ``agents``, rows of the given tensors in that order) from ``state_dict``'s
+        names; a missing or misshapen entry is one sentence."""
+        rows = slice(None) if agents is None else torch.as_tensor(list(agents), dtype=torch.long)
+        targets = {}
+        for l, (layer, A, B) in enumerate(zip(self.layers, self.A, self.B)):
+            targets[f"{layer.name}.lora_A"] = A
+            targets[f"{layer.name}.lora_B"] = B
+            targets[f"{layer.name}.rank"] = self.ranks[l]
+            if self.E is not None:
+                targets[f"{layer.name}.base_correction"] = self.E[l]
+        for n, h in self.H.items():
+            targets[f"head::{n}"] = h
         with torch.no_grad():
-            for layer, A, B in zip(self.layers, self.A, self.B):
-                A.copy_(tensors[f"{layer.name}.lora_A"])
-                B.copy_(tensors[f"{layer.name}.lora_B"])
-            for n, h in self.H.items():
-                h.copy_(tensors[f"head::{n}"])
+            for key, dest in targets.items():
+                if key not in tensors:
+                    raise DecafError(f"the saved adapters lack {key!r}; they were not written for this model and config.")
+                src = tensors[key]
+                want = dest[rows].shape
+                if tuple(src.shape) != tuple(want):
+                    raise DecafError(f"the saved {key!r} has shape {tuple(src.shape)} but this run needs {tuple(want)}.")
+                dest[rows] = src.to(dest.dtype).to(dest.device)
 
     def adapter_bytes(self) -> int:
-        """Bytes of one agent's adapter (factors and head)."""
+        """Bytes of one agent's adapter (factors, heads and base corrections)."""
         per = sum(a[0].numel() * a.element_size() + b[0].numel() * b.element_size() for a, b in zip(self.A, self.B))
+        per += sum(e[0].numel() * e.element_size() for e in self.E or [])
         return per + sum(h[0].numel() * h.element_size() for h in self.H.values())
 
-    def products(self, layer: int) -> torch.Tensor:
-        """(agents, d, k) scaled products ``s B_i A_i`` of one layer."""
-        return self.layers[layer].scale * (self.B[layer].float() @ self.A[layer].float())
+    def products(self, layer: int, agents=None) -> torch.Tensor:
+        """(agents, d, k) effective updates ``s B_i A_i (+ E_i)`` of one layer."""
+        rows = slice(None) if agents is None else agents
+        out = self.layers[layer].scale * (self.B[layer][rows].float() @ self.A[layer][rows].float())
+        if self.E is not None:
+            out = out + self.E[layer][rows].float()
+        return out
 
     def consensus_distance(self) -> torch.Tensor:
         """Per agent: sum over layers of ``||s B_i A_i - mean_j s B_j A_j||_F``."""
@@ -183,6 +262,12 @@ class AgentStates:
             prod = self.products(l)
             total += torch.linalg.matrix_norm(prod - prod.mean(0, keepdim=True)).cpu()
         return total
+
+
+def mask_to_ranks(B: torch.Tensor, A: torch.Tensor, ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero the columns of B (agents, d, r) and rows of A (agents, r, k) beyond each agent's rank."""
+    keep = torch.arange(B.shape[-1], device=B.device)[None, :] < ranks.to(B.device)[:, None]
+    return B * keep[:, None, :], A * keep[:, :, None]
 
 
 def consensus_state(states: AgentStates, weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
 import numpy as np
 
 from .errors import DecafError
+from .config import MAX_AGENTS
 from .topology import GRAPHS, RULES, Topology
 
 MAX_PRINTED_AGENTS = 20
@@ -73,10 +75,14 @@ def format_topology(summary: dict) -> str:
     return "\n".join(lines)
 
 
-@main.command()
+@main.command(
+    help="Print a topology's mixing matrix, degrees and spectral gap.\n\nNAME is one of: "
+    + ", ".join(GRAPHS.names())
+    + f". At most {MAX_AGENTS} agents."
+)
 @click.argument("name", metavar="NAME")
 @click.option("--agents", "-n", type=int, default=None, help="Number of agents (optional for an edge-list file).")
-@click.option("--mixing", default="metropolis", show_default=True, help=f"Mixing rule: {', '.join(RULES)}.")
+@click.option("--mixing", default="metropolis", show_default=True, help=f"Mixing rule: {', '.join(RULES.names())}.")
 @click.option(
     "--param",
     "params",
@@ -91,17 +97,10 @@ def format_topology(summary: dict) -> str:
 def topology(
     name: str, agents: int | None, mixing: str, params: tuple[str, ...], edges: str | None, as_json: bool
 ) -> None:
-    (
-        """Print a topology's mixing matrix, degrees and spectral gap.
-
-    NAME is one of: """
-        + ", ".join(GRAPHS)
-        + "."
-    )
     kwargs = _parse_params(params)
     if edges is not None:
         kwargs["edges"] = edges
-    if agents is None and name.replace("-", "_") not in ("edges", "edge_list"):
+    if agents is None and GRAPHS.canonical(name) != "edges":
         raise DecafError(f"--agents is required for topology {name!r}; pass e.g. --agents 10.")
     topo = Topology.build(name, agents, mixing=mixing, **kwargs)
     summary = topo.summary()
@@ -115,16 +114,28 @@ def _split_config_args(args: tuple[str, ...]) -> tuple[str | None, list[str]]:
     return None, list(args)
 
 
-def _print_config_help() -> None:
-    from .config import field_help
+def config_reference() -> str:
+    """Every config field with its help, default and allowed values, then every algorithm's options."""
+    from .config import field_reference
+    from .registry import ALGORITHMS
 
-    for name, help_text, default in field_help():
-        click.echo(f"{name:<28} {help_text} [default: {default!r}]")
+    def line(name, help_text, default, allowed):
+        extra = f"; {allowed}" if allowed else ""
+        return f"{name:<28} {help_text} [default: {default!r}{extra}]"
+
+    lines = [line(*row) for row in field_reference()]
+    for name, cls in ALGORITHMS.items():
+        rows = field_reference(cls, "algorithm_options.")
+        lines += ["", f"algorithm={name}: " + (cls.summary or cls.__doc__.splitlines()[0])]
+        lines += [line(*row) for row in rows] or ["  (no options)"]
+    return "\n".join(lines)
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1)
-@click.option("--help-config", is_flag=True, help="List every config field with its help text and default, then exit.")
+@click.option(
+    "--help-config", is_flag=True, help="List every config field and every algorithm option with its help, then exit."
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option(
     "--resume", "resume_dir", type=click.Path(), default=None, help="Continue RUN_DIR from its last finished round."
@@ -134,37 +145,34 @@ def run(args: tuple[str, ...], help_config: bool, quiet: bool, resume_dir: str |
 
     With no arguments: the offline demo (8 agents on a ring, non-IID tweets, MiniLM + LoRA, DeCAF).
     Overrides such as algorithm=dlora agents=16 topology=torus partition.alpha=0.1 lora.rank=8 apply on top.
+    Under torchrun with several processes it runs the distributed engine (engine=auto).
     """
     if help_config:
-        _print_config_help()
+        click.echo(config_reference())
         return
     from .config import load_config
-    from .engine import Simulation, resume
+    from .engine import make_engine, resume
     from .report import run_table
 
+    leader = int(os.environ.get("RANK", "0")) == 0
+
     def show(run_dir: str) -> None:
-        click.echo(run_table(run_dir).split("\n\n![")[0])  # the tables, without the report's image links
+        if leader:
+            click.echo(run_table(run_dir).split("\n\n![")[0])  # the tables, without the report's image links
 
     path, overrides = _split_config_args(args)
     if resume_dir is not None:
         if path is not None:
             raise DecafError(
-                f"--resume takes its config from {resume_dir!r}; drop the config file {path!r} (overrides that restate it are fine)."
+                f"--resume takes its config from {resume_dir!r}; drop the config file {path!r} (overrides that "
+                "restate it are fine)."
             )
         show(resume(resume_dir, overrides, progress=not quiet).run_dir)
         return
-    cfg = load_config(path, overrides)
-    if cfg.engine == "distributed":
-        from .engine.distributed import DistributedSimulation
-
-        sim = DistributedSimulation(cfg, progress=not quiet)
-        result = sim.run()
-        if sim.rank == 0:
-            show(result.run_dir)
-        return
-    sim = Simulation(cfg, progress=not quiet)
-    click.echo(f"run directory: {sim.run_dir}", err=True)
-    show(sim.run().run_dir)
+    engine = make_engine(load_config(path, overrides), progress=not quiet)
+    if leader:
+        click.echo(f"run directory: {engine.run_dir}", err=True)
+    show(engine.run().run_dir)
 
 
 @main.command(context_settings={"ignore_unknown_options": True})

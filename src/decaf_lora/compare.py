@@ -1,51 +1,72 @@
-"""``decaf compare``: several methods on one config, same data split and, per seed, the same initialization."""
+"""``decaf compare`` and :func:`compare`: several methods on one config, the same data split and, per seed, the same
+initialization; one table and one plot.
+
+The Python form also takes your own task (a :class:`~decaf_lora.tasks.ModuleTask`), built once and shared by every
+run, so a custom model is compared exactly like the built-in ones.
+"""
 
 from __future__ import annotations
 
 import os
-import time
 
-from .config import ConfigError, load_config
-from .rundir import write_json, write_text
+from .config import ConfigError, RunConfig, load_config
+from .registry import ALGORITHMS
+from .rundir import fresh_dir, write_json, write_text
+
+DEFAULT = ("decaf", "dlora", "dlora-fa", "local", "fedavg")
 
 
-def run_comparison(path: str | None, overrides: list[str], algos: list[str], seeds: int, progress: bool = True) -> dict:
-    from . import algorithms
-    from .engine import Simulation
-    from .report import compare_table, plot_compare
-
-    if seeds < 1:
-        raise ConfigError([f"--seeds={seeds} is invalid; use 1 or more."])
-    if not algos:
-        raise ConfigError(["--algorithms is empty; name at least one method, e.g. decaf,dlora."])
-    problems = []
-    for a in algos:
-        if a.strip().lower().replace("_", "-") not in algorithms.available():
-            problems.append(
-                f"--algorithms names {a!r}, which is not known; choose from: {', '.join(algorithms.available())}."
-            )
+def method_names(algorithms) -> list[str]:
+    """Canonical method names from a list or a comma-separated string; ``all`` means every registered method."""
+    if isinstance(algorithms, str):
+        algorithms = [a.strip() for a in algorithms.split(",") if a.strip()]
+    algorithms = list(algorithms)
+    if not algorithms:
+        raise ConfigError(["--algorithms is empty; name at least one method, e.g. decaf,dlora, or all."])
+    if [a.lower() for a in algorithms] == ["all"]:
+        return ALGORITHMS.names()
+    problems, names = [], []
+    for a in algorithms:
+        if a in ALGORITHMS:
+            names.append(ALGORITHMS.canonical(a))
+        else:
+            problems.append(f"--algorithms names {a!r}, which is not known; choose from: all, {', '.join(ALGORITHMS.names())}.")
     if problems:
         raise ConfigError(problems)
-    base = load_config(path, overrides)  # validates once, before any training
-    out_dir = os.path.join(base.out_dir, f"compare-{base.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.makedirs(out_dir, exist_ok=True)
+    return list(dict.fromkeys(names))
+
+
+def compare(config=None, algorithms=DEFAULT, seeds: int = 1, *, task=None, overrides=(), progress: bool = False) -> dict:
+    """Run each method for ``seeds`` training seeds on one config; returns the output directory, the markdown table
+    and every run's summary. ``config``: a YAML path, a mapping or a :class:`RunConfig`; ``task``: your own task."""
+    from .engine import make_engine
+    from .report import compare_table, plot_compare
+
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ConfigError([f"--seeds={seeds} is invalid; use 1 or more."])
+    names = method_names(algorithms)
+    if isinstance(config, RunConfig):
+        config = config.to_dict()
+    overrides = list(overrides)
+    base = load_config(config, overrides)  # validates once, before any training
+    out_dir = fresh_dir(base.out_dir, f"compare-{base.name}")
     summaries, dirs = [], {}
     for seed in range(seeds):
-        for algo in algos:
+        for algo in names:
             # the base config's algorithm options belong to its own algorithm only
             extra = [] if algo == base.algorithm else ["algorithm_options={}"]
-            cfg = load_config(
-                path, [*overrides, f"algorithm={algo}", f"seed={base.seed + seed}", f"out_dir={out_dir}", *extra]
-            )
-            sim = Simulation(cfg, progress=progress)
-            res = sim.run()
+            cfg = load_config(config, [*overrides, f"algorithm={algo}", f"seed={base.seed + seed}", f"out_dir={out_dir}", *extra])
+            res = make_engine(cfg, task, progress=progress).run()
             summaries.append(res.summary)
             dirs.setdefault(res.summary["algorithm"], []).append(res.run_dir)
     table = compare_table(summaries)
-    write_text(
-        os.path.join(out_dir, "compare.md"),
-        f"# {base.name}: comparison over {seeds} seed(s)\n\n{table}\n\n![accuracy](compare.png)\n",
-    )
+    title = f"# {base.name}: comparison over {seeds} seed(s)\n\n{table}\n\n![accuracy](compare.png)\n"
+    write_text(os.path.join(out_dir, "compare.md"), title)
     write_json(os.path.join(out_dir, "compare.json"), {"summaries": summaries, "runs": dirs})
     plot_compare(dirs, os.path.join(out_dir, "compare.png"))
     return {"dir": out_dir, "table": table, "summaries": summaries}
+
+
+def run_comparison(path: str | None, overrides: list[str], algos: list[str], seeds: int, progress: bool = True) -> dict:
+    """The CLI's form of :func:`compare`."""
+    return compare(path, algos, seeds, overrides=overrides, progress=progress)

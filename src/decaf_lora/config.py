@@ -1,22 +1,37 @@
 """One dataclass tree for a run: YAML file, then ``key=value`` overrides, then validation of everything at once.
 
-Every field carries help text (``decaf run --help-config`` prints them all). Validation collects every problem
-before anything runs and raises one :class:`ConfigError` whose lines are one sentence each, naming the field, the
-bad value and what is allowed; the CLI prints them and exits with code 2.
+Every field carries its help text and, where it has them, its allowed values (``choices``: a registry or a fixed
+list) and range (``ge``/``gt``/``le``/``lt``, ``items`` for the entries of a list). One generic loop,
+:func:`check_fields`, checks every field against what it declares; it serves the run config and every algorithm's
+options alike, so ``decaf run --help-config`` can print the same declarations the checks use. The few rules that
+tie two fields together are written out in :func:`_cross_field_problems`. Validation never rewrites a setting; it
+only brings names to their canonical spelling (``round_robin`` -> ``round-robin``), so what a run records is what
+it ran. Problems are collected before anything runs and raised as one :class:`ConfigError` whose lines are one
+sentence each, naming the field, the bad value and what is allowed; the CLI prints them and exits with code 2.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
 from .errors import DecafError
+from .registry import ALGORITHMS, ENGINES, GRAPHS, MIXING_RULES, PARTITIONS, SCHEDULES, TASKS, Registry, choices_of
+
+#: What a poisoned agent can be made to send (faults.poison); :mod:`decaf_lora.engine.screening` implements them.
+POISONS = ("nan", "shape", "scale")
+STATE_POLICIES = ("reset", "keep")
+DTYPES = ("float32", "bfloat16", "float16")
+#: Mixing matrices are dense agents x agents (and so are some per-round plans): a bound checked before allocating.
+MAX_AGENTS = 4096
 
 
 class ConfigError(DecafError):
@@ -27,119 +42,170 @@ class ConfigError(DecafError):
         super().__init__("\n".join(self.problems))
 
 
-def _f(default, help: str, **kw):  # noqa: A002 - 'help' reads best at the call sites
+def option(
+    default,
+    help: str,  # noqa: A002 - 'help' reads best at the call sites
+    *,
+    choices: Registry | Iterable[str] | Callable[[], Iterable[str]] | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    items: dict | None = None,
+    check: Callable[[Any], str | None] | None = None,
+):
+    """A dataclass field with its help text and its allowed values, for configs and algorithm options alike.
+
+    ``choices``: the allowed names (a :class:`~decaf_lora.registry.Registry`, a sequence, or a function giving one);
+    ``ge``/``gt``/``le``/``lt``: a numeric range; ``items``: the same keys plus ``type`` for each entry of a list;
+    ``check``: a function returning the end of a sentence ("use ...") for values the other keys cannot describe.
+    """
+    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "items": items, "check": check}
+    meta = {k: v for k, v in meta.items() if v is not None}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _device_problem(value: str) -> str | None:
+    dev = str(value)
+    if dev in ("cpu", "auto", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()):
+        return None
+    return "is not known; use cpu, cuda, cuda:N or auto"
+
+
+def _name_problem(value: str) -> str | None:
+    """A run's name becomes a directory name under out_dir, so it must not be able to point anywhere else."""
+    text = str(value)
+    if not text.strip() or text.strip(".") == "" or any(c in text for c in "/\\\0") or text.startswith("."):
+        return "cannot name a run directory; use letters, digits, '-' and '_', without '/' or a leading '.'"
+    return None
 
 
 @dataclass
 class TopologyConfig:
-    name: str = _f(
-        "ring",
-        "communication graph: ring, complete, torus, grid, star, bipartite, exponential, erdos_renyi, small_world, edges",
-    )
-    mixing: str = _f("metropolis", "mixing rule: metropolis, uniform, max-degree, lazy")
-    schedule: str = _f("static", "per-round graph: static, one_peer_exponential, random_matching, link_failures")
-    link_drop: float = _f(0.0, "probability that a link fails in a round (schedule=link_failures)")
-    params: dict = _f({}, "graph parameters, e.g. {hubs: 2}, {p: 0.3, seed: 1}, {edges: path/to/edges.txt}")
+    name: str = option("ring", "communication graph", choices=GRAPHS)
+    mixing: str = option("metropolis", "mixing rule: how much an agent weighs each neighbour", choices=MIXING_RULES)
+    schedule: str = option("static", "per-round graph", choices=SCHEDULES)
+    link_drop: float = option(0.0, "probability that a link fails in a round (schedule=link-failures)", ge=0, lt=1)
+    params: dict = option({}, "graph parameters, e.g. {hubs: 2}, {p: 0.3, seed: 1}, {edges: path/to/edges.txt}")
 
 
 @dataclass
 class PartitionConfig:
-    scheme: str = _f("dirichlet", "how data is split over agents: iid, dirichlet, round_robin, shards, natural")
-    alpha: float = _f(1.0, "Dirichlet concentration (scheme=dirichlet): 0.1 strongly skewed, 100 nearly IID")
-    min_size: int = _f(16, "smallest number of training examples an agent may get (scheme=dirichlet)")
-    shards_per_agent: int = _f(2, "label-sorted shards per agent (scheme=shards)")
-    key: str = _f("", "column holding the natural key, e.g. a user id (scheme=natural)")
-    local_eval: int = _f(64, "examples held out of each agent's own data for its local evaluation (0 = none)")
+    scheme: str = option("dirichlet", "how data is split over agents", choices=PARTITIONS)
+    alpha: float = option(1.0, "Dirichlet concentration (scheme=dirichlet): 0.1 strongly skewed, 100 nearly IID", gt=0)
+    min_size: int = option(16, "smallest number of training examples an agent may get (scheme=dirichlet)", ge=1)
+    shards_per_agent: int = option(2, "label-sorted shards per agent (scheme=shards)", ge=1)
+    key: str = option("", "column holding the natural key, e.g. a user id (scheme=natural)")
+    local_eval: int = option(64, "examples held out of each agent's own data for its local evaluation (0 = none)", ge=0)
 
 
 @dataclass
 class LoraConfig:
-    rank: int = _f(4, "LoRA rank r")
-    alpha: float = _f(8.0, "LoRA alpha (PEFT's lora_alpha): scale = alpha / r, or alpha / sqrt(r) with rslora")
-    dropout: float = _f(0.0, "dropout on the LoRA input")
-    targets: list = _f([], "module names to adapt; empty = the task's default (query, key, value, dense for BERT)")
-    rslora: bool = _f(False, "rank-stabilized scaling alpha / sqrt(r) (CLIP-LoRA's convention)")
+    rank: int = option(4, "LoRA rank r (with lora.ranks: the padded width every agent's factors are stored at)", ge=1)
+    ranks: list = option(
+        [],
+        "heterogeneous ranks: one rank per agent, or a shorter list repeated over the agents ([2, 4, 8]: agent a "
+        "gets ranks[a % 3]); each at most lora.rank; empty = every agent uses lora.rank",
+        items={"type": int, "ge": 1},
+    )
+    alpha: float = option(8.0, "LoRA alpha (PEFT's lora_alpha): scale = alpha / r, or alpha / sqrt(r) with rslora", ge=0)
+    dropout: float = option(0.0, "dropout on the LoRA input", ge=0, lt=1)
+    targets: list = option([], "module names to adapt; empty = the task's default (query, key, value, dense for BERT)")
+    rslora: bool = option(False, "rank-stabilized scaling alpha / sqrt(r) (CLIP-LoRA's convention)")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = _f(4e-3, "peak AdamW learning rate")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    min_lr: float = _f(0.0, "learning rate at the end of the cosine schedule")
-    warmup_steps: int = _f(0, "linear warm-up steps before the cosine decay")
-    grad_clip: float = _f(1.0, "clip each agent's gradient norm to this (0 = off)")
-    state_after_mix: str = _f(
-        "reset", "AdamW moments after each mixing step: reset (they refer to the old basis) or keep"
+    lr: float = option(4e-3, "peak AdamW learning rate", gt=0)
+    weight_decay: float = option(0.0, "AdamW weight decay", ge=0)
+    min_lr: float = option(0.0, "learning rate at the end of the cosine schedule (at most optim.lr)", ge=0)
+    warmup_steps: int = option(0, "linear warm-up steps before the cosine decay", ge=0)
+    grad_clip: float = option(1.0, "clip each agent's gradient norm to this (0 = off)", ge=0)
+    state_after_mix: str = option(
+        "reset", "AdamW moments after each mixing step: reset (they refer to the old basis) or keep", choices=STATE_POLICIES
     )
 
 
 @dataclass
 class TaskConfig:
-    kind: str = _f("text", "task: text (sequence classification), clip (few-shot image classification), causal_lm")
-    model: str = _f(
+    kind: str = option("text", "what to learn", choices=TASKS)
+    model: str = option(
         "minilm",
-        "base model: minilm (pip-shipped all-MiniLM-L6-v2; for causal_lm it means random-tiny-llama), random-tiny-clip, random-tiny-llama, a local directory or a hub name",
+        "base model: minilm (pip-shipped all-MiniLM-L6-v2; for causal-lm it means random-tiny-llama), random-tiny-clip, "
+        "random-tiny-llama, a local directory or a hub name",
     )
-    dataset: str = _f(
+    dataset: str = option(
         "tweets", "data: tweets (38k labelled tweets), digits, mnist, a .csv/.jsonl file, an image folder, or hf:NAME"
     )
-    text_column: str = _f("text", "column with the input text (csv/jsonl); several columns joined: passage,question")
-    label_column: str = _f("label", "column with the label (csv/jsonl)")
-    max_length: int = _f(32, "tokens per example after truncation")
-    train_examples: int = _f(6000, "training examples drawn from the data set before splitting over agents (0 = all)")
-    test_examples: int = _f(400, "examples held out as the shared test set")
-    batch_size: int = _f(16, "local mini-batch size")
-    eval_batch_size: int = _f(128, "batch size for evaluation")
-    shots: int = _f(0, "few-shot: training examples per class per agent (0 = use train_examples)")
-    dtype: str = _f(
+    text_column: str = option("text", "column with the input text (csv/jsonl); several columns joined: passage,question")
+    label_column: str = option("label", "column with the label (csv/jsonl)")
+    max_length: int = option(32, "tokens per example after truncation", ge=2)
+    train_examples: int = option(6000, "training examples drawn from the data set before splitting (0 = all)", ge=0)
+    test_examples: int = option(400, "examples held out as the shared test set", ge=1)
+    batch_size: int = option(16, "local mini-batch size", ge=1)
+    eval_batch_size: int = option(128, "batch size for evaluation", ge=1)
+    shots: int = option(0, "few-shot: training examples per class per agent (0 = use train_examples)", ge=0)
+    dtype: str = option(
         "float32",
-        "weights of a pretrained base model: float32, bfloat16 or float16 (LoRA factors and their mixing stay float32)",
+        "weights of a pretrained base model (LoRA factors, trained heads and their mixing stay float32)",
+        choices=DTYPES,
     )
-    label_names: list = _f(
-        [], "words for the classes in sorted label order, e.g. [no, yes] (used by clip prompts and causal_lm answers)"
+    label_names: list = option(
+        [], "words for the classes in sorted label order, e.g. [no, yes] (used by clip prompts and causal-lm answers)"
     )
 
 
 @dataclass
 class FaultsConfig:
-    link_drop: float = _f(0.0, "probability that each link is down in a round, on top of the topology's schedule")
-    agent_dropout: float = _f(0.0, "probability that an agent sits a round out (no training, no exchange)")
-    poison_agent: int = _f(-1, "for testing defences: this agent sends broken payloads (-1 = nobody)")
-    poison: str = _f("nan", "what the poisoned agent sends: nan, shape (a wrong shape) or scale (huge values)")
-    max_norm: float = _f(1e4, "reject a received factor whose Frobenius norm exceeds this (0 = no bound)")
-    timeout: float = _f(
+    link_drop: float = option(
+        0.0, "probability that each link is down in a round, on top of the topology's schedule", ge=0, lt=1
+    )
+    agent_dropout: float = option(0.0, "probability that an agent sits a round out (no training, no exchange)", ge=0, lt=1)
+    poison_agent: int = option(-1, "for testing defences: this agent sends broken payloads (-1 = nobody)", ge=-1)
+    poison: str = option("nan", "what the poisoned agent sends: nan, shape (a wrong shape) or scale", choices=POISONS)
+    max_norm: float = option(1e4, "reject a received factor whose Frobenius norm exceeds this (0 = no bound)", ge=0)
+    timeout: float = option(
         300.0,
-        "engine=distributed: seconds a process waits for a neighbour's process at the exchange; a late one is left out of that round's mix (weights renormalized, logged as timed_out)",
+        "engine=distributed: seconds a process waits for a neighbour's process at the exchange; a late one is left "
+        "out of that round's mix (weights renormalized, logged as timed_out)",
+        gt=0,
     )
-    collective_timeout: float = _f(
+    collective_timeout: float = option(
         1800.0,
-        "engine=distributed: seconds before a process that never joins the round's collectives (metrics, checkpoint) fails the job; torchrun --max-restarts then resumes it",
+        "engine=distributed: seconds before a process that never joins the round's collectives (metrics, "
+        "checkpoint) fails the job; torchrun --max-restarts then resumes it",
+        gt=0,
     )
-    slow_rank: int = _f(
-        -1,
-        "for testing timeouts (engine=distributed): this process sleeps slow_seconds before the exchange (-1 = none)",
+    slow_rank: int = option(
+        -1, "for testing timeouts (engine=distributed): this process sleeps slow_seconds before the exchange", ge=-1
     )
-    slow_seconds: float = _f(0.0, "how long the slow process sleeps")
-    slow_rounds: list = _f([], "rounds (1-based, as in the metrics) in which it is slow; empty = every round")
+    slow_seconds: float = option(0.0, "how long the slow process sleeps", ge=0)
+    slow_rounds: list = option(
+        [], "rounds (1-based, as in the metrics) in which it is slow; empty = every round", items={"type": int, "ge": 1}
+    )
 
 
 @dataclass
 class RunConfig:
-    name: str = _f("demo", "a label for the run; the run directory is named after it")
-    algorithm: str = _f("decaf", "aggregation method: decaf, dlora, dlora-fa, local, fedavg")
-    algorithm_options: dict = _f({}, "method options, e.g. {split: balanced, gauge: procrustes} for decaf")
-    agents: int = _f(8, "number of agents")
-    rounds: int = _f(12, "communication rounds")
-    local_steps: int = _f(5, "local optimizer steps per agent between exchanges")
-    eval_every: int = _f(6, "evaluate every this many rounds (and always after the last)")
-    seed: int = _f(0, "training seed: initialization, batch order, dropout")
-    split_seed: int = _f(0, "data-split seed: test hold-out, subsampling and the partition over agents")
-    device: str = _f("cpu", "cpu, cuda, cuda:N or auto")
-    out_dir: str = _f("runs", "where run directories are created")
-    engine: str = _f("simulation", "simulation (one process, one shared base model) or distributed (under torchrun)")
+    name: str = option("demo", "a label for the run; the run directory is named after it", check=_name_problem)
+    algorithm: str = option("decaf", "aggregation method (`decaf methods` lists them)", choices=ALGORITHMS)
+    algorithm_options: dict = option({}, "method options, e.g. {split: balanced, gauge: procrustes} for decaf")
+    agents: int = option(8, "number of agents", ge=1, le=MAX_AGENTS)
+    rounds: int = option(12, "communication rounds", ge=1)
+    local_steps: int = option(5, "local optimizer steps per agent between exchanges", ge=1)
+    eval_every: int = option(6, "evaluate every this many rounds (and always after the last)", ge=1)
+    seed: int = option(0, "training seed: initialization, batch order, dropout")
+    split_seed: int = option(0, "data-split seed: test hold-out, subsampling and the partition over agents")
+    device: str = option("cpu", "cpu, cuda, cuda:N or auto", check=_device_problem)
+    out_dir: str = option("runs", "where run directories are created")
+    engine: str = option(
+        "auto",
+        "auto (distributed when launched by torchrun with several processes, else simulation), simulation (one "
+        "process, one shared base model) or distributed (under torchrun)",
+        choices=ENGINES,
+    )
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -149,6 +215,12 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def agent_ranks(self) -> list[int] | None:
+        """Each agent's LoRA rank when ``lora.ranks`` is set (the short list repeated over the agents), else None."""
+        if not self.lora.ranks:
+            return None
+        return [int(self.lora.ranks[a % len(self.lora.ranks)]) for a in range(self.agents)]
 
 
 #: ``section=value`` sets the section's main field: ``topology=torus``, ``partition=iid``, ``task=clip``.
@@ -160,29 +232,56 @@ def _sections(cls=RunConfig) -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
 
 
+def _interval(meta: dict) -> str:
+    lo = f"[{meta['ge']:g}" if "ge" in meta else f"({meta['gt']:g}" if "gt" in meta else "(-inf"
+    hi = f"{meta['le']:g}]" if "le" in meta else f"{meta['lt']:g})" if "lt" in meta else "inf)"
+    return f"{lo}, {hi}"
+
+
+def allowed_text(meta: dict) -> str:
+    """What a field accepts, in words: the printable form of its declared choices and range."""
+    if "choices" in meta:
+        return "one of: " + ", ".join(choices_of(meta["choices"]))
+    bounds = [k for k in ("ge", "gt", "le", "lt") if k in meta]
+    if len(bounds) == 1:
+        sign = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}[bounds[0]]
+        return f"{sign} {meta[bounds[0]]:g}"
+    if bounds:
+        return "in " + _interval(meta)
+    if "items" in meta:
+        return "a list of " + ("integers" if meta["items"].get("type") is int else "values") + (
+            f" {allowed_text(meta['items'])}" if allowed_text(meta["items"]) else ""
+        )
+    return ""
+
+
 def field_help(cls=RunConfig, prefix: str = "") -> list[tuple[str, str, Any]]:
     """(dotted name, help, default) for every leaf field: the config reference."""
+    return [(name, help_text, default) for name, help_text, default, _ in field_reference(cls, prefix)]
+
+
+def field_reference(cls=RunConfig, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(dotted name, help, default, allowed values in words) for every leaf field of a config dataclass."""
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            rows += field_help(hints[f.name], f"{prefix}{f.name}.")
-        else:
+        if dataclasses.is_dataclass(hints.get(f.name)):
+            rows += field_reference(hints[f.name], f"{prefix}{f.name}.")
+        elif f.metadata.get("help"):
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            rows.append((prefix + f.name, f.metadata.get("help", ""), default))
+            rows.append((prefix + f.name, f.metadata["help"], default, allowed_text(f.metadata)))
     return rows
-
-
-def _leaf_names_of(section: str) -> list[str]:
-    return [n for n in _leaf_names() if n.startswith(section + ".")]
 
 
 def _leaf_names() -> list[str]:
     return [name for name, _, _ in field_help()]
 
 
+_KIND = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list", dict: "a mapping"}
+
+
 def _coerce(path: str, value: Any, typ: type, problems: list[str]) -> Any:
-    """Check one leaf value against its declared type; ints are accepted for floats, '5e-3' for a float."""
+    """Check one value against its declared type; ints are accepted for floats, '5e-3' for a float."""
     if typ in (int, float) and isinstance(value, str):
         try:
             value = typ(value)
@@ -197,15 +296,7 @@ def _coerce(path: str, value: Any, typ: type, problems: list[str]) -> Any:
         dict: isinstance(value, dict),
     }[typ]
     if not ok:
-        kind = {
-            int: "an integer",
-            float: "a number",
-            bool: "true or false",
-            str: "a string",
-            list: "a list",
-            dict: "a mapping",
-        }[typ]
-        problems.append(f"{path}={value!r} has the wrong type; it must be {kind}.")
+        problems.append(f"{path}={value!r} has the wrong type; it must be {_KIND[typ]}.")
         return None
     if typ is float:
         return float(value)
@@ -214,6 +305,75 @@ def _coerce(path: str, value: Any, typ: type, problems: list[str]) -> Any:
     if typ is list:
         return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
     return value
+
+
+def check_value(name: str, value: Any, meta: dict) -> tuple[Any, str | None]:
+    """Check one value against a field's declared choices, range, list items and check; returns (canonical value,
+    the problem in one sentence or None). Choices come back in their canonical spelling."""
+    if value is None:
+        return value, None
+    if "choices" in meta:
+        spec = meta["choices"]
+        if isinstance(spec, Registry):
+            if value in spec:
+                return spec.canonical(value), None
+            return value, str(spec.error(value, name))
+        allowed = choices_of(spec)
+        if value in allowed:
+            return value, None
+        return value, f"{name}={value!r} is not known; choose one of: {', '.join(sorted(allowed))}."
+    if "items" in meta and isinstance(value, list):
+        out, item_meta = [], meta["items"]
+        kind = "an integer" if item_meta.get("type") is int else "a value"
+        each = f"each entry must be {kind}" + (f" {allowed_text(item_meta)}" if allowed_text(item_meta) else "")
+        for item in value:
+            if item_meta.get("type") is int:
+                item = item if isinstance(item, int) and not isinstance(item, bool) else _as_int(item)
+            if item is None or check_value(name, item, item_meta)[1]:
+                return value, f"{name}={value!r} is invalid; {each}."
+            out.append(item)
+        value = out
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            return value, f"{name}={value} is invalid; use a finite number."
+        low = ("ge" in meta and value < meta["ge"]) or ("gt" in meta and value <= meta["gt"])
+        high = ("le" in meta and value > meta["le"]) or ("lt" in meta and value >= meta["lt"])
+        bounded_both = any(k in meta for k in ("ge", "gt")) and any(k in meta for k in ("le", "lt"))
+        if (low or high) and bounded_both:
+            return value, f"{name}={value} is too {'small' if low else 'large'}; use a value in {_interval(meta)}."
+        if low:
+            return value, f"{name}={value} is too small; use a value {allowed_text(meta)}."
+        if high:
+            return value, f"{name}={value} is too large; use a value {allowed_text(meta)}."
+    if "check" in meta:
+        problem = meta["check"](value)
+        if problem:
+            return value, f"{name}={value!r} {problem}."
+    return value, None
+
+
+def _as_int(item: Any) -> int | None:
+    try:
+        return int(str(item))
+    except ValueError:
+        return None
+
+
+def check_fields(obj: Any, prefix: str = "") -> list[str]:
+    """The one generic loop: check every field of a (nested) dataclass instance against what it declares, bringing
+    names to their canonical spelling in place; returns one sentence per problem."""
+    problems = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            problems += check_fields(value, f"{prefix}{f.name}.")
+            continue
+        canonical, problem = check_value(prefix + f.name, value, dict(f.metadata))
+        if problem:
+            problems.append(problem)
+        elif canonical is not value:
+            setattr(obj, f.name, canonical)
+    return problems
 
 
 def _apply(cfg: RunConfig, data: dict, problems: list[str], origin: str) -> None:
@@ -226,9 +386,8 @@ def _apply(cfg: RunConfig, data: dict, problems: list[str], origin: str) -> None
             continue
         if parts[0] in sections and len(parts) == 1:
             if parts[0] not in SECTION_SHORTCUTS:
-                problems.append(
-                    f"{origin} sets '{parts[0]}', which is a section; set its fields, e.g. {_leaf_names_of(parts[0])[0]}=..."
-                )
+                example = next(n for n in leaves if n.startswith(parts[0] + "."))
+                problems.append(f"{origin} sets '{parts[0]}', which is a section; set its fields, e.g. {example}=...")
                 continue
             parts = [parts[0], SECTION_SHORTCUTS[parts[0]]]
         dotted = ".".join(parts)
@@ -258,29 +417,37 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(
-    path: str | dict | None = None, overrides: list[str] | tuple[str, ...] = (), validate: bool = True
-) -> RunConfig:
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def read_config_file(path: str) -> dict:
+    """A YAML config file as a mapping, or one sentence naming the file and what is wrong with it."""
+    if not os.path.isfile(path):
+        raise ConfigError([f"config file {path!r} does not exist; give the path of a YAML file (see examples/)."])
+    if os.path.getsize(path) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"config file {path!r} is larger than {MAX_CONFIG_BYTES >> 20} MiB; a config is a few lines."])
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except UnicodeDecodeError:
+        raise ConfigError([f"config file {path!r} is not UTF-8 text; save it as UTF-8."]) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError([f"config file {path!r} is not valid YAML{where}; fix the syntax."]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"config file {path!r} must hold a mapping of fields (key: value), not {type(data).__name__}."])
+    return data
+
+
+def load_config(path: str | dict | None = None, overrides: list[str] | tuple[str, ...] = (), validate: bool = True) -> RunConfig:
     """Defaults, then the YAML file or mapping (if any), then overrides; every problem reported at once."""
     cfg = RunConfig()
     problems: list[str] = []
     if isinstance(path, dict):
         _apply(cfg, path, problems, "config")
     elif path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError([f"config file {path!r} does not exist; give the path of a YAML file (see examples/)."])
-        try:
-            with open(path, encoding="utf-8") as fh:
-                data = yaml.safe_load(fh) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise ConfigError([f"config file {path!r} is not valid YAML{where}; fix the syntax."]) from None
-        if not isinstance(data, dict):
-            raise ConfigError(
-                [f"config file {path!r} must hold a mapping of fields (key: value), not {type(data).__name__}."]
-            )
-        _apply(cfg, data, problems, f"config file {os.path.basename(path)}")
+        _apply(cfg, read_config_file(path), problems, f"config file {os.path.basename(path)}")
     for text in overrides:
         try:
             key, value = parse_override(text)
@@ -289,131 +456,99 @@ def load_config(
             continue
         _apply(cfg, {key: value}, problems, f"override '{text}'")
     if validate:  # semantic checks run even after type errors, so the user sees every problem in one go
-        try:
-            validate_config(cfg)
-        except ConfigError as exc:
-            problems += exc.problems
+        problems += validation_problems(cfg)
     if problems:
         raise ConfigError(problems)
     return cfg
 
 
-def _choice(problems, name, value, allowed) -> None:
-    if value not in allowed:
-        problems.append(f"{name}={value!r} is not known; choose one of: {', '.join(sorted(allowed))}.")
+def validation_problems(cfg: RunConfig) -> list[str]:
+    """Every field against its declaration, then the rules that tie fields together, then the algorithm's options."""
+    problems = check_fields(cfg)
+    bad = {p.split("=", 1)[0] for p in problems}
+    problems += _cross_field_problems(cfg, bad)
+    if "algorithm" not in bad:
+        problems += algorithm_option_problems(cfg.algorithm, cfg.algorithm_options)
+    return problems
 
 
 def validate_config(cfg: RunConfig) -> RunConfig:
-    """Semantic checks that need no model or data: ranges, names, combinations."""
-    from . import algorithms
-    from .lowrank import GAUGES, SPLITS
-    from .partition import SCHEMES
-    from .topology import GRAPHS, RULES, SCHEDULES
-    from .topology.graphs import _ALIASES as GRAPH_ALIASES
+    """Raise one :class:`ConfigError` listing every problem of an already built config; returns it checked."""
+    problems = validation_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
 
+
+def algorithm_option_problems(name: str, options: dict, prefix: str = "algorithm_options.") -> list[str]:
+    """Options of one algorithm against the fields its class declares (the same generic checks as the config)."""
+    cls = ALGORITHMS.get(name)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        listed = ", ".join(sorted(fields)) or "none"
+        return [f"algorithm {cls.name!r} has no option {', '.join(unknown)}; its options are: {listed}."]
+    problems = []
+    for key, value in options.items():
+        _, problem = check_value(prefix + key, value, dict(fields[key].metadata))
+        if problem:
+            problems.append(problem)
+    if not problems:
+        try:
+            cls(**options)
+        except DecafError as exc:
+            problems.append(str(exc))
+        except TypeError as exc:  # a value of the wrong kind that the option's own code could not take
+            problems.append(f"algorithm_options for {cls.name!r} could not be used ({exc}); see `decaf methods`.")
+    return problems
+
+
+def _cross_field_problems(cfg: RunConfig, bad: set[str]) -> list[str]:
+    """The rules that involve two fields; every single-field rule is declared on the field itself."""
     p: list[str] = []
-
-    def positive(name, value, minimum=1):
-        if value is not None and value < minimum:
-            p.append(f"{name}={value} is too small; use a value >= {minimum}.")
-
-    positive("agents", cfg.agents)
-    positive("rounds", cfg.rounds)
-    positive("local_steps", cfg.local_steps)
-    positive("eval_every", cfg.eval_every)
-    positive("lora.rank", cfg.lora.rank)
-    positive("task.batch_size", cfg.task.batch_size)
-    positive("task.eval_batch_size", cfg.task.eval_batch_size)
-    positive("task.max_length", cfg.task.max_length, 2)
-    positive("task.test_examples", cfg.task.test_examples)
-    positive("task.train_examples", cfg.task.train_examples, 0)
-    positive("task.shots", cfg.task.shots, 0)
-    positive("partition.local_eval", cfg.partition.local_eval, 0)
-    positive("partition.shards_per_agent", cfg.partition.shards_per_agent)
-    positive("partition.min_size", cfg.partition.min_size, 1)
-    positive("optim.warmup_steps", cfg.optim.warmup_steps, 0)
-    if not cfg.optim.lr > 0:
-        p.append(f"optim.lr={cfg.optim.lr} is invalid; use a positive learning rate such as 1e-3.")
-    elif cfg.optim.min_lr < 0 or cfg.optim.min_lr > cfg.optim.lr:
-        p.append(f"optim.min_lr={cfg.optim.min_lr} is invalid; use a value from 0 to optim.lr={cfg.optim.lr}.")
-    for name, value in (
-        ("optim.weight_decay", cfg.optim.weight_decay),
-        ("optim.grad_clip", cfg.optim.grad_clip),
-        ("lora.alpha", cfg.lora.alpha),
-    ):
-        if value < 0:
-            p.append(f"{name}={value} is invalid; use a value >= 0.")
-    if not 0 <= cfg.lora.dropout < 1:
-        p.append(f"lora.dropout={cfg.lora.dropout} is invalid; use a probability in [0, 1).")
-    if not 0 <= cfg.topology.link_drop < 1:
-        p.append(f"topology.link_drop={cfg.topology.link_drop} is invalid; use a probability in [0, 1).")
-    if cfg.topology.link_drop > 0 and cfg.topology.schedule == "static":
-        cfg.topology.schedule = "link_failures"
-    for name, value in (("faults.link_drop", cfg.faults.link_drop), ("faults.agent_dropout", cfg.faults.agent_dropout)):
-        if not 0 <= value < 1:
-            p.append(f"{name}={value} is invalid; use a probability in [0, 1).")
-    if not -1 <= cfg.faults.poison_agent < cfg.agents:
+    if "optim.min_lr" not in bad and "optim.lr" not in bad and cfg.optim.min_lr > cfg.optim.lr:
+        p.append(f"optim.min_lr={cfg.optim.min_lr} is larger than optim.lr={cfg.optim.lr}; use a value from 0 to optim.lr.")
+    if "faults.poison_agent" not in bad and cfg.faults.poison_agent >= cfg.agents:
         p.append(
-            f"faults.poison_agent={cfg.faults.poison_agent} is out of range; use -1 (nobody) or an agent from 0 to {cfg.agents - 1}."
+            f"faults.poison_agent={cfg.faults.poison_agent} is out of range; use -1 (nobody) or an agent from 0 to "
+            f"{cfg.agents - 1}."
         )
-    _choice(p, "faults.poison", cfg.faults.poison, {"nan", "shape", "scale"})
-    if cfg.faults.max_norm < 0:
-        p.append(f"faults.max_norm={cfg.faults.max_norm} is invalid; use a positive bound, or 0 for none.")
-    if not cfg.partition.alpha > 0:
+    if cfg.faults.slow_rank >= 0 and cfg.engine == "simulation":
         p.append(
-            f"partition.alpha={cfg.partition.alpha} is invalid; use a positive number (0.1 skewed, 100 nearly IID)."
-        )
-    _choice(p, "algorithm", cfg.algorithm.strip().lower().replace("_", "-"), algorithms.available())
-    _choice(p, "topology.name", cfg.topology.name.strip().lower().replace("-", "_"), set(GRAPHS) | set(GRAPH_ALIASES))
-    _choice(
-        p, "topology.mixing", cfg.topology.mixing.strip().lower().replace("_", "-"), set(RULES) | {"max_degree", "mh"}
-    )
-    _choice(p, "topology.schedule", cfg.topology.schedule.strip().lower().replace("-", "_"), SCHEDULES)
-    _choice(p, "partition.scheme", cfg.partition.scheme.strip().lower().replace("-", "_"), SCHEMES)
-    _choice(p, "optim.state_after_mix", cfg.optim.state_after_mix, {"reset", "keep"})
-    _choice(p, "task.kind", cfg.task.kind, {"text", "clip", "causal_lm"})
-    _choice(p, "task.dtype", cfg.task.dtype, {"float32", "bfloat16", "float16"})
-    _choice(p, "engine", cfg.engine, {"simulation", "distributed"})
-    for name, value in (
-        ("faults.timeout", cfg.faults.timeout),
-        ("faults.collective_timeout", cfg.faults.collective_timeout),
-    ):
-        if not value > 0:
-            p.append(f"{name}={value} is invalid; use a positive number of seconds.")
-    if cfg.faults.slow_rank < -1:
-        p.append(f"faults.slow_rank={cfg.faults.slow_rank} is invalid; use -1 (none) or a process rank.")
-    elif cfg.faults.slow_rank >= 0 and cfg.engine != "distributed":
-        p.append(
-            f"faults.slow_rank={cfg.faults.slow_rank} delays a torchrun process; use it with engine=distributed, or set it to -1."
-        )
-    if not cfg.faults.slow_seconds >= 0:
-        p.append(f"faults.slow_seconds={cfg.faults.slow_seconds} is invalid; use 0 or more seconds.")
-    if not isinstance(cfg.faults.slow_rounds, list) or not all(
-        isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in cfg.faults.slow_rounds
-    ):
-        p.append(
-            f"faults.slow_rounds={cfg.faults.slow_rounds!r} is invalid; use a list of rounds counted from 1, e.g. [2, 3], or [] for every round."
+            f"faults.slow_rank={cfg.faults.slow_rank} delays a torchrun process; use it with engine=distributed, or "
+            "set it to -1."
         )
     if cfg.partition.scheme == "natural" and not cfg.partition.key:
         p.append("partition.scheme=natural needs partition.key, the column holding the natural key (e.g. user).")
-    opts = cfg.algorithm_options
-    if cfg.algorithm == "decaf":
-        if "split" in opts:
-            _choice(p, "algorithm_options.split", opts["split"], SPLITS)
-        if "gauge" in opts:
-            _choice(p, "algorithm_options.gauge", opts["gauge"], GAUGES)
-    if cfg.algorithm in algorithms.available():
-        try:
-            algorithms.get(cfg.algorithm, **opts)
-        except DecafError as exc:
-            if not any(s.startswith("algorithm_options.") for s in p):
-                p.append(str(exc))
-    dev = str(cfg.device)
-    if not (dev in ("cpu", "auto", "cuda") or dev.startswith("cuda:")):
-        p.append(f"device={dev!r} is not known; use cpu, cuda, cuda:N or auto.")
-    if p:
-        raise ConfigError(p)
-    return cfg
+    if "topology.link_drop" not in bad and cfg.topology.link_drop > 0 and cfg.topology.schedule != "link-failures":
+        p.append(
+            f"topology.link_drop={cfg.topology.link_drop} needs topology.schedule=link-failures (links re-weighted "
+            f"each round); set it, or use faults.link_drop to drop links on top of schedule={cfg.topology.schedule}."
+        )
+    if cfg.lora.ranks and "lora.ranks" not in bad:
+        p += _rank_problems(cfg, bad)
+    return p
+
+
+def _rank_problems(cfg: RunConfig, bad: set[str]) -> list[str]:
+    ranks = cfg.lora.ranks
+    p = []
+    if len(ranks) > cfg.agents:
+        p.append(f"lora.ranks has {len(ranks)} entries but agents={cfg.agents}; give one rank per agent or fewer.")
+    if "lora.rank" not in bad and max(ranks) > cfg.lora.rank:
+        p.append(
+            f"lora.ranks={ranks} asks for rank {max(ranks)} but lora.rank={cfg.lora.rank} is the padded width every "
+            f"agent's factors are stored at; set lora.rank={max(ranks)}."
+        )
+    if "algorithm" not in bad:
+        cls = ALGORITHMS.get(cfg.algorithm)
+        if not getattr(cls, "supports_ranks", False):
+            able = [n for n, c in ALGORITHMS.items() if getattr(c, "supports_ranks", False)]
+            p.append(
+                f"algorithm={cfg.algorithm} cannot train agents of different ranks (lora.ranks); use one of: "
+                f"{', '.join(able)}, or drop lora.ranks."
+            )
+    return p
 
 
 def dump_config(cfg: RunConfig) -> str:

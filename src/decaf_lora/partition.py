@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import PartitionError, choice_error
+from .errors import PartitionError
+from .registry import PARTITIONS
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ def round_robin(labels, n_agents: int, seed: int = 0) -> Partition:
         for a, chunk in zip(owners, np.array_split(rng.permutation(np.nonzero(y == k)[0]), len(owners))):
             parts[a].append(chunk)
     merged = [np.concatenate(p) if p else np.zeros(0, np.int64) for p in parts]
-    return _finish("round_robin", merged, y, c, rng)
+    return _finish("round-robin", merged, y, c, rng)
 
 
 def shards(labels, n_agents: int, shards_per_agent: int = 2, seed: int = 0) -> Partition:
@@ -180,20 +181,21 @@ def natural(labels, n_agents: int, keys, seed: int = 0) -> Partition:
     return _finish("natural", merged, y, c, rng)
 
 
-SCHEMES = {"iid": iid, "dirichlet": dirichlet, "round_robin": round_robin, "shards": shards, "natural": natural}
+for _fn, _name in ((iid, "iid"), (dirichlet, "dirichlet"), (round_robin, "round-robin"), (shards, "shards"), (natural, "natural")):
+    PARTITIONS.register(_fn, name=_name)
+SCHEMES = PARTITIONS
 
 
 def make_partition(scheme: str, labels, n_agents: int, seed: int = 0, **params) -> Partition:
     """Split by a named scheme (see ``SCHEMES``); extra keywords go to the scheme (``alpha``, ``keys``, ...)."""
-    key = str(scheme).strip().lower().replace("-", "_")
-    if key not in SCHEMES:
-        raise choice_error(PartitionError, "partition", scheme, SCHEMES)
     import inspect
 
-    accepted = [p for p in inspect.signature(SCHEMES[key]).parameters if p not in ("labels", "n_agents")]
+    key = PARTITIONS.canonical(scheme)
+    fn = PARTITIONS.get(key)
+    accepted = [p for p in inspect.signature(fn).parameters if p not in ("labels", "n_agents")]
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         raise PartitionError(
             f"partition {key!r} does not take {', '.join(unknown)}; its parameters are: {', '.join(accepted)}."
         )
-    return SCHEMES[key](labels, n_agents, seed=seed, **params)
+    return fn(labels, n_agents, seed=seed, **params)

@@ -1,21 +1,34 @@
 """The run directory: every file written atomically (temporary file + rename), so a crash never leaves half a file.
 
-Layout: ``config.yaml`` (resolved config), ``topology.json`` (graph, mixing matrix, spectral gap),
-``partition.json`` (each agent's examples and label histogram), ``metrics.jsonl`` (one line per agent per round),
-``summary.json`` (written last: its presence means the run finished), ``adapters.safetensors`` (every agent's
-final adapter), ``plots/`` and ``report.md``.
+Layout: ``run.json`` (the run's identity: a unique id and the digest of its config, written first),
+``config.yaml`` (resolved config), ``topology.json`` (graph, mixing matrix, spectral gap), ``partition.json`` (each
+agent's examples and label histogram), ``metrics.jsonl`` (one line per agent per round; strict JSON),
+``checkpoints/`` (see :mod:`decaf_lora.engine.checkpoint`), ``summary.json`` (written last: its presence means the
+run finished), ``adapters.safetensors`` (every agent's final adapter), ``plots/`` and ``report.md``.
+
+Files are created with the permissions of any file the user creates (the umask applies), never private by
+accident; reads of damaged files end in one sentence naming the file, never a traceback.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import tempfile
 import time
+import uuid
 
 import torch
 
 from .errors import DecafError
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+#: Largest run file read back into memory (metrics of very long runs stay far below this).
+MAX_READ_BYTES = 1 << 30
 
 
 def _atomic(path: str, write, mode: str = "w") -> None:
@@ -27,6 +40,7 @@ def _atomic(path: str, write, mode: str = "w") -> None:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -38,17 +52,28 @@ def write_text(path: str, text: str) -> None:
     _atomic(path, lambda fh: fh.write(text))
 
 
+def _finite(x):
+    """JSON has no NaN or infinity: such a number is written as null (readers must not mistake it for a value)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
 def write_json(path: str, data) -> None:
-    _atomic(path, lambda fh: json.dump(data, fh, indent=2, default=_jsonable))
+    _atomic(path, lambda fh: json.dump(_finite(data), fh, indent=2, default=_jsonable, allow_nan=False))
 
 
 def write_jsonl(path: str, rows: list[dict]) -> None:
-    _atomic(path, lambda fh: fh.writelines(json.dumps(r, default=_jsonable) + "\n" for r in rows))
+    _atomic(path, lambda fh: fh.writelines(json.dumps(_finite(r), default=_jsonable, allow_nan=False) + "\n" for r in rows))
 
 
 def _jsonable(x):
     if hasattr(x, "tolist"):
-        return x.tolist()
+        return _finite(x.tolist())
     raise TypeError(f"cannot write {type(x).__name__} as JSON")
 
 
@@ -61,39 +86,118 @@ def save_tensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str
 
 
 def load_tensors(path: str) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, or one sentence naming the file when it is missing or damaged."""
     from safetensors.torch import load_file
 
-    return load_file(path)
+    if not os.path.isfile(path):
+        raise DecafError(f"{path!r} does not exist; the run did not finish writing it.")
+    try:
+        return load_file(path)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a damaged file
+        raise DecafError(f"{path!r} cannot be read as safetensors ({type(exc).__name__}); the file is damaged.") from None
+
+
+def _read_text(path: str) -> str:
+    if not os.path.isfile(path):
+        raise DecafError(f"{path!r} does not exist.")
+    if os.path.getsize(path) > MAX_READ_BYTES:
+        raise DecafError(f"{path!r} is larger than {MAX_READ_BYTES >> 30} GiB; it is not a file this run wrote.")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except UnicodeDecodeError:
+        raise DecafError(f"{path!r} is not UTF-8 text; the file is damaged.") from None
 
 
 def read_json(path: str):
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    try:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as exc:
+        raise DecafError(f"{path!r} is not valid JSON (line {exc.lineno}); the file is damaged or truncated.") from None
 
 
 def read_metrics(run_dir: str) -> list[dict]:
+    """Every row of ``metrics.jsonl``; a damaged line is one sentence naming the file and the line."""
     path = os.path.join(run_dir, "metrics.jsonl")
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    rows = []
+    for lineno, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise DecafError(f"{path!r} line {lineno} is not valid JSON; the file is damaged or truncated.") from None
+        if not isinstance(row, dict) or not isinstance(row.get("round"), int) or not isinstance(row.get("agent"), int):
+            raise DecafError(f"{path!r} line {lineno} is not a metrics row (no round and agent); the file is damaged.")
+        rows.append(row)
+    return rows
+
+
+def file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def new_run_dir(out_dir: str, name: str, algorithm: str, seed: int) -> str:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = os.path.join(out_dir, f"{name}-{algorithm}-s{seed}-{stamp}")
-    path, n = base, 1
-    while os.path.exists(path):
-        n += 1
-        path = f"{base}-{n}"
-    os.makedirs(path)
-    return path
+    """A fresh run directory ``out_dir/name-algorithm-sSEED-TIME[-n]``."""
+    return fresh_dir(out_dir, f"{name}-{algorithm}-s{seed}")
+
+
+def fresh_dir(out_dir: str, stem: str) -> str:
+    """A new directory ``out_dir/stem-TIME[-n]``, created atomically: two runs started in the same second get
+    different directories, never the same one."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise DecafError(f"out_dir={out_dir!r} is a file, not a directory; point out_dir at a directory.")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        raise DecafError(f"out_dir={out_dir!r} cannot be created ({exc.strerror}); choose a writable directory.") from None
+    base = os.path.join(out_dir, f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    for n in range(1, 10_000):
+        path = base if n == 1 else f"{base}-{n}"
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise DecafError(f"cannot create {path!r} ({exc.strerror}); choose a writable out_dir.") from None
+    raise DecafError(f"could not create a new directory under {out_dir!r}; remove old ones named {base!r}.")
+
+
+IDENTITY = "run.json"
+
+
+def write_identity(run_dir: str, config_text: str, **extra) -> dict:
+    """The run's identity, written first: a unique id and the digest of the config it was started with."""
+    identity = {
+        "format": 1,
+        "run_id": uuid.uuid4().hex,
+        "config_sha256": hashlib.sha256(config_text.encode("utf-8")).hexdigest(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **extra,
+    }
+    write_json(os.path.join(run_dir, IDENTITY), identity)
+    return identity
+
+
+def read_identity(run_dir: str) -> dict | None:
+    path = os.path.join(run_dir, IDENTITY)
+    if not os.path.exists(path):
+        return None
+    identity = read_json(path)
+    if not isinstance(identity, dict) or "run_id" not in identity or "config_sha256" not in identity:
+        raise DecafError(f"{path!r} is not a run identity (no run_id and config_sha256); the file is damaged.")
+    return identity
 
 
 def check_run_dir(run_dir: str, need: tuple[str, ...] = ("config.yaml", "metrics.jsonl")) -> str:
     """A finished or running run directory, or one clear error."""
     if not os.path.isdir(run_dir):
-        raise DecafError(
-            f"run directory {run_dir!r} does not exist; pass a directory created by `decaf run` (under runs/)."
-        )
+        raise DecafError(f"run directory {run_dir!r} does not exist; pass a directory created by `decaf run` (under runs/).")
     missing = [f for f in need if not os.path.exists(os.path.join(run_dir, f))]
     if missing:
         raise DecafError(f"run directory {run_dir!r} lacks {', '.join(missing)}; it is not a (finished) decaf run.")

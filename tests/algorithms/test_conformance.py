@@ -1,27 +1,38 @@
-"""Checks every registered algorithm must pass (PEFT-style table of cases), plus the registry's errors."""
+"""Checks every registered algorithm must pass (a PEFT-style table of cases taken from the registry), plus the
+registry's errors. A new method is in this table the moment it is registered."""
 
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
 
 from decaf_lora import algorithms
-from decaf_lora.algorithms import FACTORS
+from decaf_lora.algorithms import PARTS, REDUCTIONS, LayerContext, LayerInfo, RunFacts
+from decaf_lora.algorithms.base import NEEDS
 from decaf_lora.errors import DecafError, ShapeError
-from decaf_lora.topology import Topology
+from decaf_lora.topology import Network, Topology
 
-CASES = [
-    ("local", {}),
-    ("dlora", {}),
-    ("dlora-fa", {}),
-    ("fedavg", {}),
-    ("decaf", {}),
-    ("decaf", {"split": "balanced"}),
-    ("decaf", {"gauge": "procrustes"}),
-    ("decaf", {"gauge": "lstsq", "method": "qr"}),
-]
+#: Option variants beyond each method's defaults (methods not named here run with their defaults only).
+VARIANTS = {
+    "decaf": [{"split": "balanced"}, {"gauge": "procrustes"}, {"gauge": "lstsq", "method": "qr"}],
+}
+
+
+def cases():
+    out = []
+    for name in algorithms.available():
+        out.append((name, {}))
+        out += [(name, o) for o in VARIANTS.get(name, [])]
+    return out
+
+
+CASES = cases()
 IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in o.items())}" if o else n for n, o in CASES]
+N, D, R, K = 6, 12, 3, 10
 
 
-def layer(gen, n=6, d=12, r=3, k=10, dtype=torch.float64, common_a=False):
+def layer(gen, n=N, d=D, r=R, k=K, dtype=torch.float64, common_a=False):
     A = torch.randn(n, r, k, generator=gen, dtype=torch.float64)
     if common_a:
         A = A[:1].expand(n, r, k).clone()
@@ -29,19 +40,46 @@ def layer(gen, n=6, d=12, r=3, k=10, dtype=torch.float64, common_a=False):
     return A.to(dtype), B.to(dtype)
 
 
-def ring_w(n=6):
+def ring_w(n=N):
     return torch.from_numpy(Topology.build("ring", n).matrix)
 
 
-def test_the_five_methods_are_registered():
-    assert algorithms.available() == ["decaf", "dlora", "dlora-fa", "fedavg", "local"]
+def make(name, options, n=N, ranks=None):
+    """An algorithm set up as the engine would (facts of a ring of n agents, one layer)."""
+    algo = algorithms.get(name, **options)
+    network = Network(Topology.build("ring", n).schedule("static"), data_sizes=np.arange(1, n + 1))
+    algo.setup(RunFacts(n, network, ranks, (LayerInfo(0, "layer", D, K, R, 1.0),), 0))
+    return algo
+
+
+def context(algo, gen, A, B, agents, inputs, dtype=torch.float64):
+    """What the engine hands ``mix`` for one layer: everything the method declares it needs."""
+    ctx = LayerContext(layer=0, name="layer", scale=1.0, agents=torch.tensor(agents), inputs=torch.tensor(inputs))
+    if "start_factors" in algo.needs:
+        ctx.start_A = A[: len(agents)] + 0.1 * torch.randn(A[: len(agents)].shape, generator=gen, dtype=A.dtype)
+        ctx.start_B = B[: len(agents)] + 0.1 * torch.randn(B[: len(agents)].shape, generator=gen, dtype=B.dtype)
+    if "activations" in algo.needs:
+        ctx.activations = torch.randn(len(agents), 32, K, generator=gen, dtype=dtype)
+    if algo.corrects_base:
+        ctx.E = torch.randn(len(inputs), D, K, generator=gen, dtype=dtype)
+    state = algo.init_state(LayerInfo(0, "layer", D, K, R, 1.0), max(inputs) + 1)
+    ctx.state = {k: v[torch.tensor(agents)] for k, v in state.items()}
+    return ctx
+
+
+def mix(algo, gen, A, B, W, agents=None, inputs=None, self_index=None, round_=0):
+    agents = list(range(W.shape[0])) if agents is None else agents
+    inputs = list(range(A.shape[0])) if inputs is None else inputs
+    ctx = context(algo, gen, A, B, agents, inputs, dtype=A.dtype if A.dtype == torch.float64 else torch.float32)
+    return algo.mix(A, B, W, round_=round_, self_index=self_index, context=ctx)
 
 
 @pytest.mark.parametrize("name, options", CASES, ids=IDS)
 def test_mix_keeps_shapes_dtypes_and_is_deterministic(gen, name, options):
-    algo = algorithms.get(name, **options)
+    algo = make(name, options)
     A, B = layer(gen, dtype=torch.bfloat16)
-    out1, out2 = algo.mix(A, B, ring_w()), algo.mix(A, B, ring_w())
+    out1 = mix(algo, torch.Generator().manual_seed(5), A, B, ring_w())
+    out2 = mix(algo, torch.Generator().manual_seed(5), A, B, ring_w())
     A1, B1 = out1
     assert A1.shape == A.shape and B1.shape == B.shape
     assert A1.dtype == torch.bfloat16 and B1.dtype == torch.bfloat16
@@ -50,67 +88,115 @@ def test_mix_keeps_shapes_dtypes_and_is_deterministic(gen, name, options):
 
 
 @pytest.mark.parametrize("name, options", CASES, ids=IDS)
-def test_interface_declares_what_is_sent_and_trained(name, options):
-    algo = algorithms.get(name, **options)
-    for t in range(4):
-        assert set(algo.sends(t)) <= set(FACTORS)
-        assert set(algo.trainable(t)) <= set(FACTORS) and algo.trainable(t)
-    assert algo.communication in ("gossip", "server", "none")
+def test_interface_declares_what_is_sent_trained_reported_and_needed(name, options):
+    algo = make(name, options)
+    cls = type(algo)
+    assert cls.summary and cls.paper and cls.__doc__
+    for t in range(12):
+        assert set(algo.sends(t)) <= set(PARTS)
+        assert set(algo.trainable(t)) <= {"A", "B", "head"} and algo.trainable(t)
+    assert set(cls.stats.values()) <= set(REDUCTIONS)
+    assert set(cls.needs) <= set(NEEDS)
+    for f in dataclasses.fields(algo):  # every option carries help text, shown by --help-config
+        assert f.metadata.get("help"), f.name
+    sends = set(algo.sends())
     numel = algo.payload_numel((3, 10), (12, 3))
-    assert numel == 30 * ("A" in algo.sends()) + 36 * ("B" in algo.sends())
+    assert numel == 30 * ("A" in sends) + 36 * ("B" in sends) + 120 * ("E" in sends)
 
 
 def test_decaf_and_dlora_send_the_same_bytes():
     shapes = ((8, 4096), (4096, 8))
-    assert (
-        algorithms.get("decaf").payload_numel(*shapes) == algorithms.get("dlora").payload_numel(*shapes) == 2 * 8 * 4096
-    )
+    assert algorithms.get("decaf").payload_numel(*shapes) == algorithms.get("dlora").payload_numel(*shapes) == 2 * 8 * 4096
     assert algorithms.get("dlora-fa").payload_numel(*shapes) == 8 * 4096
     assert algorithms.get("local").payload_numel(*shapes) == 0
 
 
-@pytest.mark.parametrize(
-    "name, options", [c for c in CASES if c[0] != "fedavg"], ids=[i for i, c in zip(IDS, CASES) if c[0] != "fedavg"]
-)
+@pytest.mark.parametrize("name, options", CASES, ids=IDS)
 def test_identity_mixing_keeps_every_product(gen, name, options):
+    algo = make(name, options)
     A, B = layer(gen)
-    A1, B1 = algorithms.get(name, **options).mix(A, B, torch.eye(6, dtype=torch.float64))
+    A1, B1 = mix(algo, gen, A, B, torch.eye(N, dtype=torch.float64))
     torch.testing.assert_close(B1 @ A1, B @ A, atol=1e-10, rtol=0)
 
 
-@pytest.mark.parametrize(
-    "name, options",
-    [c for c in CASES if c[0] not in ("fedavg", "local")],
-    ids=[i for i, c in zip(IDS, CASES) if c[0] not in ("fedavg", "local")],
-)
-def test_a_rank_with_some_agents_computes_the_same_rows_as_the_simulator(gen, name, options):
+@pytest.mark.parametrize("name, options", CASES, ids=IDS)
+def test_a_rank_with_some_agents_computes_the_same_rows_as_the_simulator(name, options):
     """What a distributed rank does: its own agents plus received neighbours, the matching rows of W."""
-    algo = algorithms.get(name, **options)
+    algo = make(name, options, n=8)
+    gen = torch.Generator().manual_seed(7)
     A, B = layer(gen, n=8, common_a=(name == "dlora-fa"))
     W = torch.from_numpy(Topology.build("ring", 8).matrix)
-    full = algo.mix(A, B, W)
-    own = [2, 3]
-    stack = [1, 2, 3, 4]  # own agents and their ring neighbours, in the order they were received
-    part = algo.mix(A[stack], B[stack], W[own][:, stack], self_index=[1, 2])
+    full = mix(algo, torch.Generator().manual_seed(1), A, B, W)
+    own, stack = [2, 3], [2, 3, 1, 4]  # own agents first, then received neighbours, as the engine stacks them
+    part = mix(algo, torch.Generator().manual_seed(1), A[stack], B[stack], W[own][:, stack], own, stack, [0, 1])
+    if "activations" in algo.needs or algo.corrects_base or "start_factors" in algo.needs:
+        return  # the context is drawn per call; shapes and finiteness are all that compare here
+    # products, not factors: an SVD's signs depend on the order of the stacked inputs
     torch.testing.assert_close(part.B @ part.A, (full.B @ full.A)[own], atol=1e-12, rtol=0)
-    torch.testing.assert_close(part.A, full.A[own], atol=1e-12, rtol=0)
+
+
+def unsent_part_violations(algo, gen, rounds=range(12)) -> list[str]:
+    """Perturb every part of every neighbour's copy that ``sends(t)`` does not declare, and report each round in
+    which some agent's mixed output changed: such a method would mix stale data under torchrun."""
+    W = ring_w()
+    violations = []
+    for t in rounds:
+        A, B = layer(gen)
+        own = list(range(N))
+        inputs = own + own  # own factors first, then every agent's received copy (as the engine stacks them)
+        sent = set(algo.sends(t))
+        off = W - torch.diag(torch.diag(W))
+        rows = torch.cat([torch.diag(torch.diag(W)), off], dim=1)
+        A2, B2 = torch.cat([A, A]), torch.cat([B, B])
+        outputs = []
+        for noise in (0.0, 1.0):
+            A_in, B_in = A2.clone(), B2.clone()
+            if "A" not in sent:
+                A_in[N:] += noise * torch.randn(A.shape, generator=gen, dtype=A.dtype)
+            if "B" not in sent:
+                B_in[N:] += noise * torch.randn(B.shape, generator=gen, dtype=B.dtype)
+            ctx = context(algo, torch.Generator().manual_seed(t), A_in, B_in, own, inputs)
+            if algo.corrects_base and "E" not in sent:
+                ctx.E[N:] += noise
+            outputs.append(algo.mix(A_in, B_in, rows, round_=t, self_index=list(range(N)), context=ctx))
+        a, b = outputs
+        if not (torch.equal(a.A, b.A) and torch.equal(a.B, b.B) and (a.E is None or torch.equal(a.E, b.E))):
+            unsent = sorted({'A', 'B'} - sent) + (['E'] if algo.corrects_base and 'E' not in sent else [])
+            violations.append(f"round {t}: output depends on a part that was not sent ({unsent})")
+    return violations
+
+
+@pytest.mark.parametrize("name, options", CASES, ids=IDS)
+def test_every_method_reads_only_what_it_sends(gen, name, options):
+    assert unsent_part_violations(make(name, options), gen) == []
+
+
+@dataclasses.dataclass
+class ReadsUnsentA(algorithms.DLoRA):
+    """Deliberately broken: declares that it sends only B, yet averages its neighbours' A."""
+
+    name = "test-reads-unsent-a"
+    summary = "broken on purpose"
+    paper = "none"
+
+    def sends(self, round_=0):
+        return ("B", "head")
+
+
+def test_the_unsent_part_check_catches_a_method_that_reads_what_was_not_sent(gen):
+    violations = unsent_part_violations(ReadsUnsentA(), gen, rounds=range(3))
+    assert len(violations) == 3 and "['A']" in violations[0]
 
 
 @pytest.mark.parametrize(
     "call, match",
     [
-        (
-            lambda: algorithms.get("decaff"),
-            r"algorithm='decaff' is not known; choose one of: decaf, dlora, dlora-fa, fedavg, local",
-        ),
+        (lambda: algorithms.get("decaff"), r"algorithm='decaff' is not known; choose one of: decaf, dlora"),
         (
             lambda: algorithms.get("decaf", splitt="balanced"),
             r"algorithm 'decaf' has no option splitt; its options are: gauge, method, skip_zero, split",
         ),
-        (
-            lambda: algorithms.get("dlora", split="balanced"),
-            r"algorithm 'dlora' has no option split; its options are: none",
-        ),
+        (lambda: algorithms.get("dlora", split="balanced"), r"algorithm 'dlora' has no option split; its options are: none"),
         (lambda: algorithms.get("decaf", split="half"), r"split='half' is not known"),
         (lambda: algorithms.get("decaf", gauge="spin"), r"gauge='spin' is not known"),
     ],
@@ -141,23 +227,3 @@ def test_names_are_forgiving_about_case_and_underscores():
 def test_bad_layer_inputs_raise_shape_errors(name, A_shape, B_shape, W, self_index, match):
     with pytest.raises(ShapeError, match=match):
         algorithms.get(name).mix(torch.zeros(A_shape), torch.zeros(B_shape), W, self_index=self_index)
-
-
-class Alternating(algorithms.DLoRA):
-    """A phase-alternating method (ADF-LoRA's shape) needs only to override ``trainable``."""
-
-    name = "test-alternating"
-
-    def trainable(self, round_=0):
-        return ("A",) if (round_ // 2) % 2 else ("B",)
-
-
-def test_a_new_method_plugs_in_with_one_registration(monkeypatch):
-    monkeypatch.setattr(
-        algorithms.registry, "_REGISTRY", dict(algorithms.registry._REGISTRY)
-    )  # leave the real one alone
-    algorithms.register(Alternating)
-    algo = algorithms.get("test-alternating")
-    assert [algo.trainable(t) for t in range(4)] == [("B",), ("B",), ("A",), ("A",)]
-    with pytest.raises(DecafError, match="registered twice"):
-        algorithms.register(type("Other", (algorithms.DLoRA,), {"name": "test-alternating"}))

@@ -12,6 +12,7 @@ import psutil
 import pytest
 from conftest import tiny_text_overrides
 
+pytestmark = pytest.mark.distributed
 TIMEOUT = 300
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 LOSSES = ("train_loss", "eval_loss", "local_loss")
@@ -47,7 +48,8 @@ def simulate(args, out):
     return metrics_in(out)
 
 
-def torchrun(args, out, procs, extra=()):
+def torchrun(args, out, procs, extra=(), engine=None):
+    """``torchrun ... -m decaf_lora run``; with no ``engine`` the default (auto) must pick the distributed engine."""
     cmd = [
         sys.executable,
         "-m",
@@ -60,7 +62,7 @@ def torchrun(args, out, procs, extra=()):
         "run",
         "-q",
         *args,
-        "engine=distributed",
+        *([f"engine={engine}"] if engine else []),
         f"out_dir={out}",
     ]
     return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -88,8 +90,8 @@ def assert_same_metrics(dist, sim):
 def test_distributed_with_2_and_4_processes_equals_the_simulator(tiny_bert_dir, tmp_path, algo):
     args = overrides(tiny_bert_dir, str(tmp_path), algorithm=algo)
     sim = simulate(args, tmp_path / "sim")
-    for procs in (2, 4):
-        proc = torchrun(args, tmp_path / f"d{procs}", procs)
+    for procs in (2, 4):  # engine=auto for 2 processes, the explicit setting for 4
+        proc = torchrun(args, tmp_path / f"d{procs}", procs, engine=None if procs == 2 else "distributed")
         out, _ = proc.communicate(timeout=TIMEOUT)
         assert proc.returncode == 0, out[-3000:]
         assert_same_metrics(metrics_in(tmp_path / f"d{procs}"), sim)
@@ -117,14 +119,9 @@ def test_distributed_handles_faults_like_the_simulator(tiny_bert_dir, tmp_path, 
 
 
 def checkpoint_round(run_dir, rank):
-    from safetensors import safe_open
+    from decaf_lora.engine import checkpoint
 
-    path = os.path.join(run_dir, f"checkpoint.rank{rank}.safetensors")
-    try:
-        with safe_open(path, framework="pt") as fh:
-            return json.loads(fh.metadata()["state"])["rounds_done"]
-    except Exception:
-        return 0
+    return max((s.round for s in checkpoint.list_shards(run_dir) if s.rank == rank), default=0)
 
 
 def test_a_killed_process_is_restarted_by_torchrun_and_the_run_resumes_exactly(tiny_bert_dir, tmp_path):
@@ -154,30 +151,49 @@ def test_a_killed_process_is_restarted_by_torchrun_and_the_run_resumes_exactly(t
 
 
 def test_distributed_without_torchrun_is_one_clear_error(tiny_bert_dir, tmp_path):
-    res = subprocess.run(
-        [sys.executable, "-m", "decaf_lora", "run", *overrides(tiny_bert_dir, str(tmp_path)), "engine=distributed"],
-        env={k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE")},
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
+    env = {k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID")}
+    cmd = [sys.executable, "-m", "decaf_lora", "run", *overrides(tiny_bert_dir, str(tmp_path)), "engine=distributed"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert res.returncode == 2
-    assert "engine=distributed must be launched by torchrun" in res.stderr and "Traceback" not in res.stderr
+    assert "engine=distributed must be launched by torchrun, e.g. `torchrun --nproc-per-node 2" in res.stderr
+    assert "Traceback" not in res.stderr and not any(tmp_path.iterdir() if tmp_path.exists() else [])
+
+
+def test_the_python_api_refuses_distributed_outside_torchrun_in_one_sentence(tmp_path, monkeypatch):
+    import decaf_lora
+    from decaf_lora.config import ConfigError
+
+    for var in ("RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ConfigError, match=r"engine=distributed must be launched by torchrun, e.g. `torchrun"):
+        decaf_lora.run({"engine": "distributed", "out_dir": str(tmp_path)})
+    assert not any(tmp_path.iterdir())
+
+
+def test_simulation_under_a_multi_process_torchrun_is_refused_not_duplicated(tiny_bert_dir, tmp_path):
+    proc = torchrun(overrides(tiny_bert_dir, str(tmp_path)), tmp_path / "d", 2, engine="simulation")
+    out, _ = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode != 0
+    assert "engine=simulation under torchrun with 2 processes would run 2 duplicate simulations" in out
+    assert not (tmp_path / "d").exists() or not any((tmp_path / "d").iterdir())
 
 
 def simulator_with_links_down(cfg, round_, links):
     """A simulator that leaves the given (receiver, sender) links out of one round's mix, as a timed-out exchange does."""
-    from decaf_lora.engine import Simulation
+    from decaf_lora.engine import make_engine
 
-    class LinksDown(Simulation):
-        def screen(self, W, t):
-            faults = super().screen(W, t)
-            if t == round_:
-                for i, j in links:
-                    faults.rejected.setdefault(i, []).append(j)
-            return faults
+    engine = make_engine(cfg, progress=False)
+    real = engine.exchange
 
-    return LinksDown(cfg, progress=False)
+    def exchange(t, plan, spec):
+        ex = real(t, plan, spec)
+        if t == round_:
+            for i, j in links:
+                ex.faults.rejected.setdefault(i, []).append(j)
+        return ex
+
+    engine.exchange = exchange
+    return engine
 
 
 def test_a_late_process_is_left_out_of_that_round_and_the_run_goes_on(tiny_bert_dir, tmp_path):

@@ -5,8 +5,10 @@ import pytest
 import torch
 from test_simulation import cfg_for, digits_task
 
-from decaf_lora.engine import run
-from decaf_lora.faults import absent_agents, check_payload, drop_links, isolate, poison, renormalize_without
+from decaf_lora.config import load_config
+from decaf_lora.engine import make_engine, run
+from decaf_lora.engine.screening import check_payload, poison, renormalize_without
+from decaf_lora.topology.faults import absent_agents, drop_links, isolate
 from decaf_lora.topology import Topology, validate_mixing_matrix
 
 
@@ -74,11 +76,33 @@ def test_agent_dropout_skips_training_and_exchange(tmp_path):
     assert any(not m["absent"] for m in res.metrics)
 
 
-def test_fedavg_averages_only_the_present_agents(tmp_path):
-    res = run(
-        cfg_for(tmp_path, agents=6, rounds=3, algorithm="fedavg", faults={"agent_dropout": 0.3}),
-        task=digits_task(),
-        write=False,
-    )
-    assert any(m["absent"] for m in res.metrics)
-    assert all(np.isfinite(m["consensus_distance"]) for m in res.metrics)
+def test_fedavg_averages_only_the_present_agents_weighted_by_their_data(tmp_path, monkeypatch):
+    """After a round with absent agents, every present agent holds sum_j n_j X_j / sum_j n_j over the PRESENT agents'
+    post-training factors (n_j: data sizes), and every absent agent keeps its own."""
+    cfg = load_config(cfg_for(tmp_path, agents=6, rounds=3, algorithm="fedavg", faults={"agent_dropout": 0.3}))
+    engine = make_engine(cfg, task=digits_task(), write=False, progress=False)
+    before = {}
+    exchange = engine.exchange
+
+    def snapshot(t, plan, spec):
+        before["A"] = [A.clone().double() for A in engine.states.A]
+        return exchange(t, plan, spec)
+
+    monkeypatch.setattr(engine, "exchange", snapshot)
+    sizes = np.array([len(x) for x in engine.split.train], dtype=float)
+    assert len(set(sizes)) > 1  # unequal data sizes, so the weighting matters
+    checked = 0
+    for t in range(cfg.rounds):
+        engine.run_round(t)
+        absent = engine.network.absent(t)
+        present = ~absent
+        if not absent.any() or present.sum() < 2:
+            continue
+        w = sizes * present / (sizes * present).sum()
+        for l, A0 in enumerate(before["A"]):
+            expected = torch.einsum("j,jrk->rk", torch.from_numpy(w), A0)
+            for a in range(6):
+                want = A0[a] if absent[a] else expected
+                torch.testing.assert_close(engine.states.A[l][a].double(), want, atol=1e-6, rtol=1e-6)
+        checked += 1
+    assert checked  # some round had absent and present agents

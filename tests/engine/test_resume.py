@@ -11,7 +11,7 @@ import pytest
 from test_simulation import cfg_for, digits_task
 
 from decaf_lora.config import ConfigError, load_config
-from decaf_lora.engine import Simulation, resume, run
+from decaf_lora.engine import checkpoint, make_engine, resume, run
 from decaf_lora.rundir import read_metrics
 
 
@@ -25,15 +25,15 @@ def test_crash_mid_round_then_resume_equals_uninterrupted(tmp_path, monkeypatch,
     cfg = cfg_for(tmp_path, rounds=5, lora={"rank": 2, "dropout": 0.2}, optim={"lr": 1e-2, "state_after_mix": policy})
     full = run(cfg, task=digits_task(), write=False).metrics
 
-    sim = Simulation(load_config(cfg), task=digits_task(), progress=False)
-    real = sim.train_agent
+    sim = make_engine(load_config(cfg), task=digits_task(), progress=False)
+    real = sim.training.train
 
     def crash(agent, round_):
         if round_ == 3 and agent == 2:
             raise KeyboardInterrupt  # the process dies in the middle of round 4
         return real(agent, round_)
 
-    monkeypatch.setattr(sim, "train_agent", crash)
+    monkeypatch.setattr(sim.training, "train", crash)
     with pytest.raises(KeyboardInterrupt):
         sim.run()
     assert max(m["round"] for m in read_metrics(sim.run_dir)) == 3
@@ -56,29 +56,24 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
 
 def test_unreadable_checkpoint_is_one_clear_error(tmp_path, monkeypatch):
     cfg = cfg_for(tmp_path, rounds=3)
-    sim = Simulation(load_config(cfg), task=digits_task(), progress=False)
-    real = sim.train_agent
+    sim = make_engine(load_config(cfg), task=digits_task(), progress=False)
+    real = sim.training.train
     monkeypatch.setattr(
-        sim, "train_agent", lambda a, t: (_ for _ in ()).throw(KeyboardInterrupt) if t == 1 else real(a, t)
+        sim.training, "train", lambda a, t: (_ for _ in ()).throw(KeyboardInterrupt) if t == 1 else real(a, t)
     )
     with pytest.raises(KeyboardInterrupt):
         sim.run()
-    with open(os.path.join(sim.run_dir, "checkpoint.safetensors"), "r+b") as fh:
+    (shard,) = checkpoint.list_shards(sim.run_dir)
+    with open(shard.path, "r+b") as fh:
         fh.truncate(100)
     from decaf_lora.errors import DecafError
 
-    with pytest.raises(DecafError, match=r"cannot be read \(SafetensorError\); delete it to restart"):
+    with pytest.raises(DecafError, match=r"cannot be read \(truncated, damaged, or written by another version\)"):
         resume(sim.run_dir, task=digits_task())
 
 
 def checkpoint_rounds(run_dir):
-    path = os.path.join(run_dir, "checkpoint.safetensors")
-    if not os.path.exists(path):
-        return 0
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as fh:
-        return json.loads(fh.metadata()["state"])["rounds_done"]
+    return max((s.round for s in checkpoint.list_shards(run_dir)), default=0)
 
 
 def test_sigkill_at_any_point_then_resume_equals_uninterrupted(tiny_text, tmp_path):

@@ -10,7 +10,7 @@ import torch
 from conftest import TinyMLP
 
 from decaf_lora.config import load_config
-from decaf_lora.engine import Simulation, run
+from decaf_lora.engine import make_engine, run
 from decaf_lora.tasks import CausalLM, ClipFewShot, ModuleTask, build_task
 
 
@@ -46,7 +46,7 @@ def test_clip_few_shot_on_digits_learns(tmp_path):
             f"out_dir={tmp_path}",
         ],
     )
-    sim = Simulation(cfg, progress=False, write=False)
+    sim = make_engine(cfg, progress=False, write=False)
     assert isinstance(sim.task, ClipFewShot)
     names = {layer.name.rsplit(".", 1)[-1] for layer in sim.states.layers}
     assert names == {"q_proj", "k_proj", "v_proj"}
@@ -78,7 +78,7 @@ def test_causal_lm_classification_as_generation_learns(tmp_path):
             f"out_dir={tmp_path}",
         ],
     )
-    sim = Simulation(cfg, progress=False, write=False)
+    sim = make_engine(cfg, progress=False, write=False)
     assert isinstance(sim.task, CausalLM) and sim.task.metric == "f1"
     res = sim.run()
     first, last = first_and_last_round_loss(res.metrics)
@@ -183,7 +183,7 @@ def test_causal_lm_on_instruction_data_scores_token_accuracy(tmp_path):
             "eval_every=3",
         ],
     )
-    sim = Simulation(cfg, progress=False, write=False)
+    sim = make_engine(cfg, progress=False, write=False)
     assert not sim.task.classify and sim.task.metric == "accuracy"
     res = sim.run()
     first, last = first_and_last_round_loss(res.metrics)

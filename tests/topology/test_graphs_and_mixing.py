@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from decaf_lora.errors import TopologyError
 from decaf_lora.topology import GRAPHS, Topology, build_graph, mixing_matrix, validate_mixing_matrix
 
-RANDOM_GRAPHS = {"erdos_renyi", "small_world"}
+RANDOM_GRAPHS = {"erdos-renyi", "small-world"}
 
 
 def assert_gossip_matrix(w: np.ndarray, graph: nx.Graph) -> None:
@@ -49,14 +49,14 @@ def test_complete_graph_with_uniform_weights_averages_in_one_step():
 
 
 @given(
-    name=st.sampled_from(sorted(set(GRAPHS) - {"edges"})),
+    name=st.sampled_from(sorted(set(GRAPHS.names()) - {"edges"})),
     n=st.integers(3, 17),
     rule=st.sampled_from(["metropolis", "max-degree", "lazy"]),
     seed=st.integers(0, 5),
 )
 def test_every_graph_and_rule_gives_a_valid_matrix(name, n, rule, seed):
     params = {"seed": seed} if name in RANDOM_GRAPHS else {}
-    if name == "small_world":
+    if name == "small-world":
         params["k"] = 2
     topo = Topology.build(name, n, mixing=rule, **params)
     assert_gossip_matrix(topo.matrix, topo.graph)

@@ -2,13 +2,25 @@
 
 >>> from decaf_lora import algorithms
 >>> algo = algorithms.get("decaf", split="balanced")
->>> algorithms.available()
-['decaf', 'dlora', 'dlora-fa', 'fedavg', 'local']
+>>> "decaf" in algorithms.available()
+True
+
+A new method is one file here with a dataclass of options and one ``@register`` line, plus its import below.
 """
 
 # Importing a method's module registers it.
-from . import decaf, dlora, dlora_fa, fedavg, local  # noqa: E402,F401  (after the registry exists)
-from .base import FACTORS, Algorithm, MixOutput
+from . import decaf, dlora, dlora_fa, fedavg, local  # noqa: F401
+from .base import (
+    FACTORS,
+    PARTS,
+    REDUCTIONS,
+    Algorithm,
+    LayerContext,
+    LayerInfo,
+    MixingPlan,
+    MixOutput,
+    RunFacts,
+)
 from .decaf import DeCAF
 from .dlora import DLoRA
 from .dlora_fa import DLoRAFA
@@ -18,8 +30,14 @@ from .registry import available, get, register
 
 __all__ = [
     "FACTORS",
+    "PARTS",
+    "REDUCTIONS",
     "Algorithm",
+    "LayerContext",
+    "LayerInfo",
+    "MixingPlan",
     "MixOutput",
+    "RunFacts",
     "available",
     "get",
     "register",

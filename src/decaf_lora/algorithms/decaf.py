@@ -20,11 +20,11 @@ Deliberate choices (pitfalls of the paper notes):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from ..errors import ShapeError, choice_error
+from ..config import option
 from ..lowrank import GAUGES, METHODS, SPLITS, regauge, split_factors, truncated_svd_of_sum
 from .base import Algorithm, MixOutput, check_ranks, mask_ranks, prepare
 from .registry import register
@@ -75,28 +75,23 @@ class DeCAF(Algorithm):
     """Mix LoRA products with the mixing weights, then truncate back to rank r with an exact factored TSVD."""
 
     name = "decaf"
-    split: str = field(
-        default="all-into-b", metadata={"help": f"how singular values go into the factors: {', '.join(SPLITS)}"}
-    )
-    gauge: str = field(
-        default="none", metadata={"help": f"re-express new factors close to the previous ones: {', '.join(GAUGES)}"}
-    )
-    skip_zero: bool = field(
-        default=True, metadata={"help": "keep an agent's own factors when its mixed product is numerically zero"}
-    )
-    method: str = field(
-        default="auto", metadata={"help": f"QR implementation of the factored SVD: {', '.join(METHODS)}"}
-    )
+    summary = "product consensus: TSVD_r(sum_j pi_ij B_j A_j), exact and factored (never d x k)"
+    paper = "DeCAF (Saadati et al., 2025)"
+    supports_ranks = True
+    stats = {
+        "tsvd_tail": "sum",
+        "tsvd_tail_bound": "sum",
+        "tsvd_tail_ratio": "max",
+        "factor_norm_c": "max",
+        "top_singular_value": "max",
+        "skipped_zero": "sum",
+    }
+    split: str = option("all-into-b", "how singular values go into the factors", choices=SPLITS)
+    gauge: str = option("none", "re-express new factors close to the previous ones (product unchanged)", choices=GAUGES)
+    skip_zero: bool = option(True, "keep an agent's own factors when its mixed product is numerically zero")
+    method: str = option("auto", "algorithm of the factored SVD", choices=METHODS)
 
-    def __post_init__(self) -> None:
-        if self.split not in SPLITS:
-            raise choice_error(ShapeError, "split", self.split, SPLITS)
-        if self.gauge not in GAUGES:
-            raise choice_error(ShapeError, "gauge", self.gauge, GAUGES)
-        if self.method not in METHODS:
-            raise choice_error(ShapeError, "method", self.method, METHODS)
-
-    def mix(self, A, B, W, *, round_=0, self_index=None, ranks=None) -> MixOutput:
+    def mix(self, A, B, W, *, round_=0, self_index=None, ranks=None, context=None) -> MixOutput:
         p = prepare(A, B, W, self_index)
         r = A.shape[1]
         rk = check_ranks(ranks, p.W.shape[0], r, A.device)
@@ -112,16 +107,15 @@ class DeCAF(Algorithm):
         B_new, A_new = mask_ranks(B_new, A_new, rk)
         own_B, own_A = p.own_B, p.own_A
         B_new, A_new = regauge(B_new, A_new, own_B, own_A, self.gauge)
-        stats = {
-            "tsvd_tail": tail,
-            "top_singular_value": t.S[:, 0],
-            **proposition1_bound(B_nb, A_nb, weight, r if rk is None else rk),
-        }
+        bound = proposition1_bound(B_nb, A_nb, weight, r if rk is None else rk)
+        tiny = torch.finfo(tail.dtype).tiny
+        ratio = torch.where(bound["tsvd_tail_bound"] > 0, tail / bound["tsvd_tail_bound"].clamp(min=tiny), 0.0)
+        stats = {"tsvd_tail": tail, "top_singular_value": t.S[:, 0], "tsvd_tail_ratio": ratio, **bound}
         if self.skip_zero:
             # A cheap upper bound on ||M_i||_2; a top singular value below eps times it is rounding noise.
-            bound = (weight * torch.linalg.matrix_norm(B_nb) * torch.linalg.matrix_norm(A_nb)).sum(1)
-            zero = t.S[:, 0] <= 16 * torch.finfo(S.dtype).eps * bound
+            norm_bound = (weight * torch.linalg.matrix_norm(B_nb) * torch.linalg.matrix_norm(A_nb)).sum(1)
+            zero = t.S[:, 0] <= 16 * torch.finfo(S.dtype).eps * norm_bound
             B_new = torch.where(zero[:, None, None], own_B, B_new)
             A_new = torch.where(zero[:, None, None], own_A, A_new)
-            stats["skipped_zero"] = zero
+            stats["skipped_zero"] = zero.to(S.dtype)
         return p.cast(A_new, B_new, stats)

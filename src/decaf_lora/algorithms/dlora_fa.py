@@ -21,14 +21,16 @@ class DLoRAFA(Algorithm):
     """Frozen shared A, gossip on B only (the gossip form of FFA-LoRA; ConLoRA with Metropolis weights)."""
 
     name = "dlora-fa"
+    summary = "A frozen and shared, gossip on B only (exact consensus, half the adapter)"
+    paper = "FFA-LoRA (Sun et al., 2024), gossip form"
 
     def sends(self, round_: int = 0) -> tuple[str, ...]:
-        return ("B",)
+        return ("B", "head")
 
     def trainable(self, round_: int = 0) -> tuple[str, ...]:
-        return ("B",)
+        return ("B", "head")
 
-    def mix(self, A, B, W, *, round_=0, self_index=None, ranks=None) -> MixOutput:
+    def mix(self, A, B, W, *, round_=0, self_index=None, ranks=None, context=None) -> MixOutput:
         p = prepare(A, B, W, self_index)
         B_new = torch.einsum("ij,jdr->idr", p.W, p.B)
         return p.cast(p.own_A, B_new)

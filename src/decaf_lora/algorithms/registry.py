@@ -2,39 +2,28 @@
 
 from __future__ import annotations
 
-import dataclasses
-
-from ..errors import DecafError, choice_error
-
-_REGISTRY: dict[str, type] = {}
+from ..registry import ALGORITHMS
 
 
 def register(cls: type) -> type:
     """Class decorator: make ``cls`` reachable as ``get(cls.name)``."""
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise DecafError(f"algorithm name {cls.name!r} is registered twice; give the new class another name.")
-    _REGISTRY[cls.name] = cls
-    return cls
+    return ALGORITHMS.register(cls)
 
 
 def available() -> list[str]:
-    return sorted(_REGISTRY)
+    return ALGORITHMS.names()
 
 
 def canonical_name(name: str) -> str:
-    key = str(name).strip().lower().replace("_", "-")
-    if key not in _REGISTRY:
-        raise choice_error(DecafError, "algorithm", name, _REGISTRY)
-    return key
+    return ALGORITHMS.canonical(name)
 
 
 def get(name: str, **options):
-    """An algorithm instance by name, with its options validated (unknown option names are an error)."""
-    cls = _REGISTRY[canonical_name(name)]
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(options) - fields)
-    if unknown:
-        raise DecafError(
-            f"algorithm {cls.name!r} has no option {', '.join(unknown)}; its options are: {', '.join(sorted(fields)) or 'none'}."
-        )
+    """An algorithm instance by name, with its options checked against what the method declares."""
+    from ..config import ConfigError, algorithm_option_problems
+
+    cls = ALGORITHMS.get(name)
+    problems = algorithm_option_problems(cls.name, options, prefix="")
+    if problems:
+        raise ConfigError(problems)
     return cls(**options)

@@ -1,93 +1,215 @@
-"""Exact checkpoint and resume of the simulation engine.
+"""Exact checkpoints after every round, that a resume can trust.
 
-After every round one file, ``checkpoint.safetensors``, is replaced atomically. It holds everything that decides
-the rest of the run: every agent's adapter, every agent's AdamW state, the torch RNG (dropout), each agent's batch
-order, cursor and numpy generator, the wall time so far and the number of finished rounds. Tensors go in the
-safetensors body and the rest in its JSON metadata, so nothing is ever unpickled. The mixing schedule needs no
-state: each round's matrix is a pure function of (seed, round). Metrics lines of a round that was in progress when
-the process died are dropped on resume, so a crash loses at most that round.
+A round's checkpoint is one or more *shards* under ``checkpoints/``: ``round-00003.rank-0-of-2.safetensors`` holds
+the state of the agents process 0 owns after round 3 (the simulator writes one shard with every agent). What a
+shard holds is collected from the engine's parts through their state dicts, agent by agent: the adapter (factors,
+heads, ranks, base corrections), AdamW's moments, the batch order and its generator, and the algorithm's per-agent
+state. Keys are prefixed by the agent, so any set of shards that covers every agent restores the run, whichever
+process count or engine wrote them: placement never changes the numbers. No RNG state is needed: every random draw
+(dropout, batch order, faults, activation samples) is a function of (seed, agent, round).
+
+Trust: the metadata records SHA-256 digests of the shard's tensors, of the run files it depends on
+(``config.yaml``, ``topology.json``, ``partition.json``) and of the metrics rows up to its round, plus the run's
+identity. :func:`latest_complete` verifies all of it and returns the newest round whose shards are complete and
+intact; a damaged newest checkpoint falls back to the previous one, loudly. Rotation never opens a window without
+a complete checkpoint: a shard is written to a temporary file and renamed into place, and only then are the shards
+of rounds older than the previous one deleted (by the process that wrote them, and only files of this naming
+scheme). A crash therefore loses at most the round in progress; a full disk is one sentence, and the last complete
+round stays resumable. Tensors travel in the safetensors body and the rest in its JSON metadata: nothing is ever
+unpickled.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from ..errors import DecafError
-from ..rundir import read_metrics, save_tensors
+from ..rundir import file_digest, save_tensors
 
-FILE = "checkpoint.safetensors"  # the simulator's; distributed processes write checkpoint.rank{r}.safetensors
-
-
-def save_checkpoint(sim, rounds_done: int, elapsed: float) -> None:
-    tensors: dict[str, torch.Tensor] = {f"agents/{k}": v for k, v in sim.states.state_dict().items()}
-    groups = []
-    for a, opt in enumerate(sim.optimizers):
-        sd = opt.state_dict()
-        for idx, st in sd["state"].items():
-            for key, value in st.items():
-                tensors[f"opt/{a}/{idx}/{key}"] = torch.as_tensor(value)
-        groups.append(sd["param_groups"])
-    tensors["rng/torch"] = torch.get_rng_state()
-    if torch.cuda.is_available() and sim.device.type == "cuda":
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng/cuda/{i}"] = s
-    for a, order in enumerate(sim._orders):
-        tensors[f"batch/{a}/order"] = torch.from_numpy(np.ascontiguousarray(order, dtype=np.int64))
-    meta = {
-        "rounds_done": rounds_done,
-        "elapsed": elapsed,
-        "cursors": list(map(int, sim._cursor)),
-        "numpy_rng": [g.bit_generator.state for g in sim._batch_rng],
-        "param_groups": groups,
-    }
-    path = os.path.join(sim.run_dir, sim.checkpoint_file)
-    if os.path.exists(path):  # the previous round's stays beside it: distributed processes may be one round apart
-        os.replace(path, path.replace(".safetensors", ".prev.safetensors"))
-    save_tensors(path, tensors, {"state": json.dumps(meta)})
+DIR = "checkpoints"
+FORMAT = 2
+KEEP_ROUNDS = 2  # the newest and the one before: distributed processes may be one round apart when one dies
+_NAME = re.compile(r"^round-(\d{5,})\.rank-(\d+)-of-(\d+)\.safetensors$")
+#: Run files a checkpoint depends on; their digests are recorded and checked on resume.
+RUN_FILES = ("config.yaml", "topology.json", "partition.json")
 
 
-def load_checkpoint(sim, name: str | None = None) -> tuple[int, float]:
-    """Restore ``sim`` to the end of the last finished round; returns (rounds done, wall seconds so far)."""
+def shard_name(round_: int, rank: int, world: int) -> str:
+    return f"round-{round_:05d}.rank-{rank}-of-{world}.safetensors"
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(f"{key}|{str(t.dtype)}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def metrics_digest(rows: list[dict]) -> str:
+    """Digest of metrics rows as they read back from ``metrics.jsonl`` (JSON round-trips floats exactly)."""
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(json.dumps(row, sort_keys=True).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+@dataclass
+class Shard:
+    path: str
+    round: int
+    rank: int
+    world: int
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def agents(self) -> list[int]:
+        return [int(a) for a in self.meta.get("agents", [])]
+
+
+def save_shard(run_dir: str, round_: int, rank: int, world: int, agents: dict[int, tuple[dict, dict]], shared: dict) -> str:
+    """Write one process's shard for ``round_`` atomically, then drop its own shards older than the previous round.
+
+    ``agents``: agent -> (tensors, small JSON-able state); ``shared``: metadata common to the round (run identity,
+    digests of run files and metrics, elapsed time).
+    """
+    tensors, per_agent = {}, {}
+    for a, (ts, meta) in agents.items():
+        tensors.update({f"agent/{a}/{k}": v.detach().cpu().contiguous() for k, v in ts.items()})
+        per_agent[str(a)] = meta
+    meta = {**shared, "format": FORMAT, "round": round_, "rank": rank, "world": world, "agents": sorted(agents)}
+    meta["per_agent"] = per_agent
+    meta["tensors_sha256"] = tensors_digest(tensors)
+    folder = os.path.join(run_dir, DIR)
+    path = os.path.join(folder, shard_name(round_, rank, world))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        save_tensors(path, tensors, {"decaf_checkpoint": json.dumps(meta)})
+    except OSError as exc:
+        raise DecafError(
+            f"could not write checkpoint {path!r} ({exc.strerror or exc}); the run stopped after round {round_ - 1}, "
+            f"which stays resumable: free space and continue with `decaf run --resume {run_dir}`."
+        ) from None
+    for name in os.listdir(folder):  # rotation: only this process's own shards of older rounds
+        m = _NAME.match(name)
+        if m and int(m.group(2)) == rank and int(m.group(1)) <= round_ - KEEP_ROUNDS:
+            try:
+                os.unlink(os.path.join(folder, name))
+            except FileNotFoundError:
+                pass
+    return path
+
+
+def read_meta(path: str) -> dict | None:
+    """A shard's metadata, or None if the file cannot be read as a checkpoint (truncated, foreign, damaged)."""
     from safetensors import safe_open
 
-    path = os.path.join(sim.run_dir, name or sim.checkpoint_file)
-    if not os.path.exists(path):
-        return 0, 0.0
     try:
         with safe_open(path, framework="pt") as fh:
-            meta = json.loads(fh.metadata()["state"])
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except Exception as exc:  # a truncated or foreign file: say so, never guess
-        raise DecafError(
-            f"checkpoint {path!r} cannot be read ({type(exc).__name__}); delete it to restart the run from round 0."
-        ) from None
-    sim.states.load_state_dict(
-        {k[len("agents/") :]: v.to(sim.device) for k, v in tensors.items() if k.startswith("agents/")}
-    )
-    for a, opt in enumerate(sim.optimizers):
-        state: dict[int, dict] = {}
-        prefix = f"opt/{a}/"
-        for k, v in tensors.items():
-            if k.startswith(prefix):
-                idx, key = k[len(prefix) :].split("/", 1)
-                state.setdefault(int(idx), {})[key] = v if key == "step" else v.to(sim.device)
-        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"][a]})
-    torch.set_rng_state(tensors["rng/torch"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng/cuda/"))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-    for a in range(sim.cfg.agents):
-        sim._orders[a] = tensors[f"batch/{a}/order"].numpy()
-        sim._batch_rng[a].bit_generator.state = meta["numpy_rng"][a]
-    sim._cursor = list(meta["cursors"])
-    done = int(meta["rounds_done"])
-    sim.metrics = (
-        [m for m in read_metrics(sim.run_dir) if m["round"] <= done]
-        if os.path.exists(os.path.join(sim.run_dir, "metrics.jsonl"))
-        else []
-    )
-    return done, float(meta["elapsed"])
+            return json.loads((fh.metadata() or {})["decaf_checkpoint"])
+    except Exception:  # noqa: BLE001 - any unreadable file is simply not a usable checkpoint
+        return None
+
+
+def list_shards(run_dir: str) -> list[Shard]:
+    folder = os.path.join(run_dir, DIR)
+    if not os.path.isdir(folder):
+        return []
+    out = []
+    for name in sorted(os.listdir(folder)):
+        m = _NAME.match(name)
+        if m:
+            out.append(Shard(os.path.join(folder, name), int(m.group(1)), int(m.group(2)), int(m.group(3))))
+    return out
+
+
+def load_shard(shard: Shard) -> dict[str, torch.Tensor]:
+    """The shard's tensors after checking them against the digest they were written with."""
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(shard.path)
+    except Exception as exc:  # noqa: BLE001
+        raise DecafError(f"checkpoint {shard.path!r} cannot be read ({type(exc).__name__}).") from None
+    if tensors_digest(tensors) != shard.meta.get("tensors_sha256"):
+        raise DecafError(f"checkpoint {shard.path!r} is damaged: its tensors do not match the digest it was written with.")
+    return tensors
+
+
+@dataclass
+class Resumable:
+    """The newest complete round: which shard holds each agent, and what was skipped on the way (and why)."""
+
+    round: int
+    shards: list[Shard]
+    meta: dict
+    tensors: dict[str, dict[str, torch.Tensor]]  # shard path -> its verified tensors
+    skipped: list[str] = field(default_factory=list)
+
+    def agent_source(self) -> dict[int, Shard]:
+        return {a: s for s in self.shards for a in s.agents}
+
+
+def latest_complete(run_dir: str, n_agents: int, check_round) -> Resumable | None:
+    """The newest round whose shards cover every agent, read and verify; None if no round does.
+
+    ``check_round(meta)`` verifies the round against the run (identity, run files, metrics) and raises a
+    :class:`DecafError` naming the file that does not match; a round that fails it is not used. Older intact
+    rounds are used in place of damaged newer ones, and ``skipped`` says which files were passed over.
+    """
+    shards = list_shards(run_dir)
+    skipped: list[str] = []
+    problems: list[DecafError] = []
+    for r in sorted({s.round for s in shards}, reverse=True):
+        chosen: dict[int, Shard] = {}
+        for s in (s for s in shards if s.round == r):
+            s.meta = read_meta(s.path) or {}
+            if s.meta.get("format") != FORMAT or s.meta.get("round") != r:
+                problem = DecafError(
+                    f"checkpoint {s.path!r} cannot be read (truncated, damaged, or written by another version) and no "
+                    f"older intact checkpoint exists; delete {os.path.join(run_dir, DIR)!r} to start the run over."
+                )
+                problems.append(problem)
+                skipped.append(f"{s.path} (unreadable)")
+                continue
+            for a in s.agents:
+                chosen.setdefault(a, s)
+        if set(chosen) != set(range(n_agents)):
+            missing = sorted(set(range(n_agents)) - set(chosen))
+            skipped.append(f"round {r} (no intact shard holds agents {missing[:8]})")
+            continue
+        used = sorted({s.path: s for s in chosen.values()}.values(), key=lambda s: s.rank)
+        try:
+            loaded = {}
+            for s in used:
+                loaded[s.path] = load_shard(s)
+                check_round(s.meta)
+        except DecafError as exc:
+            problems.append(exc)
+            skipped.append(str(exc))
+            continue
+        return Resumable(r, used, used[0].meta, loaded, skipped)
+    if problems:
+        raise problems[0]  # checkpoints exist but none can be trusted: say why the newest one cannot
+    return None
+
+
+def verify_run_files(run_dir: str, meta: dict) -> None:
+    """Every run file the checkpoint recorded still has the digest it had when the round finished."""
+    for name, digest in meta.get("files", {}).items():
+        path = os.path.join(run_dir, name)
+        if not os.path.exists(path):
+            raise DecafError(f"{path!r} is missing; it was part of the run when round {meta['round']} finished.")
+        if file_digest(path) != digest:
+            raise DecafError(
+                f"{path!r} was changed after round {meta['round']} finished (its digest differs from the "
+                "checkpoint's); restore it, or start a new run."
+            )

@@ -55,7 +55,7 @@ def split_data(
                 f"agents={cfg.agents} is more than the {len(pool)} training examples; use fewer agents or raise task.train_examples."
             ]
         )
-    scheme = cfg.partition.scheme.strip().lower().replace("-", "_")
+    scheme = cfg.partition.scheme
     params = {
         "dirichlet": {"alpha": cfg.partition.alpha, "min_size": min(cfg.partition.min_size, len(pool) // cfg.agents)},
         "shards": {"shards_per_agent": cfg.partition.shards_per_agent},

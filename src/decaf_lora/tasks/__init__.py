@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ..config import ConfigError, RunConfig
 from ..data import load_examples
+from ..registry import TASKS
 from .base import Task, macro_f1
 from .causal_lm import CausalLM
 from .clip import ClipFewShot
@@ -19,19 +20,40 @@ from .text import TextClassification
 __all__ = ["Task", "TextClassification", "ClipFewShot", "CausalLM", "ModuleTask", "build_task", "macro_f1"]
 
 
-def build_task(cfg: RunConfig) -> Task:
+def _text(cfg: RunConfig) -> Task:
     t = cfg.task
-    if t.kind == "clip":
-        ex = load_examples(t.dataset, "image", t.text_column, t.label_column)
-        if t.label_names:
-            ex.class_names = _label_names(t.label_names, ex.class_names)
-        return ClipFewShot(ex, "random-tiny-clip" if t.model == "minilm" else t.model, dtype=t.dtype)
-    ex = load_examples(t.dataset, "text", t.text_column, t.label_column, cfg.partition.key)
+    ex = _examples(cfg, "text")
+    return TextClassification(ex, t.model, t.max_length, dtype=t.dtype)
+
+
+def _clip(cfg: RunConfig) -> Task:
+    t = cfg.task
+    return ClipFewShot(_examples(cfg, "image"), "random-tiny-clip" if t.model == "minilm" else t.model, dtype=t.dtype)
+
+
+def _causal_lm(cfg: RunConfig) -> Task:
+    t = cfg.task
+    model = "random-tiny-llama" if t.model == "minilm" else t.model
+    return CausalLM(_examples(cfg, "text"), model, t.max_length, dtype=t.dtype)
+
+
+def _examples(cfg: RunConfig, kind: str):
+    t = cfg.task
+    key = cfg.partition.key if kind == "text" else ""
+    ex = load_examples(t.dataset, kind, t.text_column, t.label_column, key)
     if t.label_names:
         ex.class_names = _label_names(t.label_names, ex.class_names)
-    if t.kind == "causal_lm":
-        return CausalLM(ex, "random-tiny-llama" if t.model == "minilm" else t.model, t.max_length, dtype=t.dtype)
-    return TextClassification(ex, t.model, t.max_length, dtype=t.dtype)
+    return ex
+
+
+TASKS.register(_text, name="text")
+TASKS.register(_clip, name="clip")
+TASKS.register(_causal_lm, name="causal-lm")
+
+
+def build_task(cfg: RunConfig) -> Task:
+    """The task named by ``task.kind``, with its model and data."""
+    return TASKS.get(cfg.task.kind)(cfg)
 
 
 def _label_names(names: list, found: list[str]) -> list[str]:

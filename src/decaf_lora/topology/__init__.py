@@ -24,9 +24,11 @@ from .mixing import (
     spectral_gap,
     validate_mixing_matrix,
 )
+from .network import Network
 from .schedules import SCHEDULES, LinkFailures, OnePeerExponential, RandomMatching, Schedule, Static, make_schedule
 
 __all__ = [
+    "Network",
     "GRAPHS",
     "RULES",
     "SCHEDULES",

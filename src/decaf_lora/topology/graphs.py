@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import networkx as nx
 import numpy as np
 
-from ..errors import TopologyError, choice_error
+from ..config import MAX_AGENTS
+from ..errors import TopologyError
+from ..registry import GRAPHS
 
 
 def _check_agents(n: int, minimum: int = 1, name: str = "agents") -> int:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < minimum:
         raise TopologyError(f"{name}={n!r} is invalid; use an integer >= {minimum}.")
+    if name == "agents" and n > MAX_AGENTS:  # mixing matrices are dense agents x agents: refuse before allocating
+        raise TopologyError(f"agents={n} is too large; use at most {MAX_AGENTS} agents (mixing matrices are dense).")
     return int(n)
 
 
@@ -156,24 +160,41 @@ def small_world(n: int, k: int = 4, p: float = 0.1, seed: int = 0) -> nx.Graph:
         raise TopologyError(f"small_world with k={k}, p={p} gave no connected graph; lower p or raise k.") from exc
 
 
+MAX_EDGE_FILE_BYTES = 64 << 20
+MAX_LINE_CHARS = 256
+
+
 def _parse_edge_file(path: str) -> list[tuple[int, int]]:
+    """Pairs from a text file, reading at most a bounded line at a time so a damaged file cannot exhaust memory."""
     if not os.path.isfile(path):
         raise TopologyError(f"edges={path!r} is not a readable file; give a text file with one 'i j' pair per line.")
+    if os.path.getsize(path) > MAX_EDGE_FILE_BYTES:
+        raise TopologyError(f"edges file {path!r} is larger than {MAX_EDGE_FILE_BYTES >> 20} MiB; an edge list of "
+                            f"{MAX_AGENTS} agents fits well below that, so it is not an edge list.")
     pairs = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            line = raw.split("#", 1)[0].replace(",", " ").strip()
-            if not line:
-                continue
-            parts = line.split()
-            try:
-                if len(parts) != 2:
-                    raise ValueError
-                pairs.append((int(parts[0]), int(parts[1])))
-            except ValueError:
-                raise TopologyError(
-                    f"edges file {path!r} line {lineno} reads {raw.strip()!r}; each line must be two agent ids like '0 1'."
-                ) from None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lineno = 0
+            while raw := fh.readline(MAX_LINE_CHARS + 1):
+                lineno += 1
+                if len(raw) > MAX_LINE_CHARS and not raw.endswith("\n"):
+                    raise TopologyError(f"edges file {path!r} line {lineno} is longer than {MAX_LINE_CHARS} characters; "
+                                        "each line must be two agent ids like '0 1'.")
+                line = raw.split("#", 1)[0].replace(",", " ").strip()
+                if not line:
+                    continue
+                parts = line.split()
+                try:
+                    if len(parts) != 2:
+                        raise ValueError
+                    pairs.append((int(parts[0]), int(parts[1])))
+                except ValueError:
+                    raise TopologyError(
+                        f"edges file {path!r} line {lineno} reads {raw.strip()!r}; each line must be two agent ids "
+                        "like '0 1'."
+                    ) from None
+    except UnicodeDecodeError:
+        raise TopologyError(f"edges file {path!r} is not UTF-8 text; write one 'i j' pair per line.") from None
     return pairs
 
 
@@ -188,54 +209,47 @@ def edge_list(n: int | None = None, edges: str | os.PathLike | Iterable[Sequence
             raise TopologyError(f"edge {e!r} is invalid; each edge must be a pair of integer agent ids.")
     if not pairs and n is None:
         raise TopologyError("edges is empty; give at least one pair of agent ids, or use another topology.")
+    limit = MAX_AGENTS if n is None else n
+    for a, b in pairs:  # before anything is sized by the largest id
+        if not (0 <= a < limit and 0 <= b < limit):
+            raise TopologyError(
+                f"edge ({a}, {b}) names an agent outside 0..{limit - 1}; fix the edge list"
+                + (" or raise agents." if n is not None else f" (at most {MAX_AGENTS} agents).")
+            )
     top = max(max(e) for e in pairs) + 1 if pairs else 0
     n = _check_agents(top if n is None else n)
     g = _empty(n)
     for a, b in pairs:
-        if not (0 <= a < n and 0 <= b < n):
-            raise TopologyError(
-                f"edge ({a}, {b}) names an agent outside 0..{n - 1}; fix the edge list or raise agents."
-            )
         if a != b:  # self-loops carry no information: every agent always keeps a self weight
             g.add_edge(int(a), int(b))
     return g
 
 
-GRAPHS: dict[str, Callable[..., nx.Graph]] = {
-    "ring": ring,
-    "complete": complete,
-    "torus": torus,
-    "grid": grid,
-    "star": star,
-    "bipartite": bipartite,
-    "exponential": exponential,
-    "erdos_renyi": erdos_renyi,
-    "small_world": small_world,
-    "edges": edge_list,
-}
-
-_ALIASES = {
-    "fully_connected": "complete",
-    "full": "complete",
-    "er": "erdos_renyi",
-    "hub": "bipartite",
-    "edge_list": "edges",
-}
+for _name, _fn, _aliases in (
+    ("ring", ring, ()),
+    ("complete", complete, ("fully-connected", "full")),
+    ("torus", torus, ()),
+    ("grid", grid, ()),
+    ("star", star, ()),
+    ("bipartite", bipartite, ("hub",)),
+    ("exponential", exponential, ()),
+    ("erdos-renyi", erdos_renyi, ("er",)),
+    ("small-world", small_world, ()),
+    ("edges", edge_list, ("edge-list",)),
+):
+    GRAPHS.register(_fn, name=_name, aliases=_aliases)
 
 
 def canonical_graph_name(name: str) -> str:
-    key = str(name).strip().lower().replace("-", "_")
-    key = _ALIASES.get(key, key)
-    if key not in GRAPHS:
-        raise choice_error(TopologyError, "topology", name, GRAPHS)
-    return key
+    return GRAPHS.canonical(name)
 
 
 def build_graph(name: str, n_agents: int | None, **params) -> nx.Graph:
     """Build a named graph; unknown names or parameters raise one clear :class:`TopologyError`."""
-    key = canonical_graph_name(name)
-    fn = GRAPHS[key]
     import inspect
+
+    key = canonical_graph_name(name)
+    fn = GRAPHS.get(key)
 
     accepted = [p for p in inspect.signature(fn).parameters if p != "n"]
     unknown = sorted(set(params) - set(accepted))

@@ -7,12 +7,11 @@ matrix that enters the library goes through :func:`validate_mixing_matrix`, so a
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import networkx as nx
 import numpy as np
 
-from ..errors import TopologyError, choice_error
+from ..errors import TopologyError
+from ..registry import MIXING_RULES
 
 ATOL = 1e-8
 
@@ -81,31 +80,20 @@ def make_lazy(w: np.ndarray) -> np.ndarray:
     return 0.5 * (np.eye(w.shape[0]) + w)
 
 
-RULES: dict[str, Callable[[nx.Graph], np.ndarray]] = {
-    "metropolis": metropolis,
-    "uniform": uniform,
-    "max-degree": max_degree,
-    "lazy": lazy,
-}
-_ALIASES = {
-    "mh": "metropolis",
-    "metropolis-hastings": "metropolis",
-    "max_degree": "max-degree",
-    "maxdegree": "max-degree",
-}
+MIXING_RULES.register(metropolis, name="metropolis", aliases=("mh", "metropolis-hastings"))
+MIXING_RULES.register(uniform, name="uniform")
+MIXING_RULES.register(max_degree, name="max-degree", aliases=("maxdegree",))
+MIXING_RULES.register(lazy, name="lazy")
+RULES = MIXING_RULES
 
 
 def canonical_rule_name(rule: str) -> str:
-    key = str(rule).strip().lower().replace("_", "-")
-    key = _ALIASES.get(key, key)
-    if key not in RULES:
-        raise choice_error(TopologyError, "mixing", rule, list(RULES) + ["explicit"])
-    return key
+    return MIXING_RULES.canonical(rule)
 
 
 def mixing_matrix(g: nx.Graph, rule: str = "metropolis") -> np.ndarray:
     """The mixing matrix of ``g`` under a named rule, validated."""
-    w = RULES[canonical_rule_name(rule)](g)
+    w = MIXING_RULES.get(rule)(g)
     validate_mixing_matrix(w, g)
     return w
 

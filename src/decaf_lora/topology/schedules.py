@@ -14,8 +14,9 @@ import math
 import networkx as nx
 import numpy as np
 
-from ..errors import TopologyError, choice_error
-from .mixing import RULES, canonical_rule_name, graph_of, validate_mixing_matrix
+from ..errors import TopologyError
+from ..registry import MIXING_RULES, SCHEDULES
+from .mixing import canonical_rule_name, graph_of, validate_mixing_matrix
 
 
 def _round_rng(seed: int, round_: int, salt: int) -> np.random.Generator:
@@ -30,6 +31,8 @@ class Schedule(abc.ABC):
     n_agents: int
     #: rounds after which the pattern repeats (deterministic schedules) or rounds to sample to check connectivity.
     period: int = 1
+    #: True when the matrices do not depend on the seed (one period then describes every round exactly).
+    deterministic: bool = False
 
     @abc.abstractmethod
     def matrix(self, round_: int) -> np.ndarray:
@@ -55,6 +58,8 @@ class Schedule(abc.ABC):
 class Static(Schedule):
     """The same matrix every round."""
 
+    deterministic = True
+
     def __init__(self, w: np.ndarray):
         self.w = validate_mixing_matrix(w)
         self.n_agents = self.w.shape[0]
@@ -70,6 +75,8 @@ class OnePeerExponential(Schedule):
     number of agents, tau = log2(n) rounds of it average exactly. When the partner id is out of range the agent
     sits the round out (weight 1 on itself). Deterministic: the seed is not used.
     """
+
+    deterministic = True
 
     def __init__(self, n_agents: int):
         self.n_agents = int(n_agents)
@@ -145,7 +152,7 @@ class LinkFailures(Schedule):
     def matrix(self, round_: int) -> np.ndarray:
         g = self.surviving_graph(round_)
         if self.base_matrix is None:
-            return RULES[self.rule](g)
+            return MIXING_RULES.get(self.rule)(g)
         w = self.base_matrix.copy()
         for a, b in self._edges:
             if not g.has_edge(a, b):
@@ -155,32 +162,23 @@ class LinkFailures(Schedule):
         return w
 
 
-SCHEDULES = ("static", "one_peer_exponential", "random_matching", "link_failures")
+def _link_failures(topology, seed: int, p: float) -> Schedule:
+    explicit = topology.rule == "explicit"
+    rule = "metropolis" if explicit else topology.rule
+    return LinkFailures(topology.graph, p, rule=rule, seed=seed, base_matrix=topology.matrix if explicit else None)
+
+
+SCHEDULES.register(lambda topology, seed, p: Static(topology.matrix), name="static")
+SCHEDULES.register(lambda topology, seed, p: OnePeerExponential(topology.n_agents), name="one-peer-exponential")
+SCHEDULES.register(lambda topology, seed, p: RandomMatching(topology.graph, seed), name="random-matching")
+SCHEDULES.register(_link_failures, name="link-failures")
 
 
 def make_schedule(kind: str, topology, seed: int = 0, p: float = 0.0) -> Schedule:
     """Build a schedule over a :class:`~decaf_lora.topology.Topology`.
 
-    ``kind``: ``static`` (the topology's matrix every round), ``one_peer_exponential`` (ignores the topology's
-    edges; uses its agent count), ``random_matching`` (matchings of the topology's edges), ``link_failures``
+    ``kind``: ``static`` (the topology's matrix every round), ``one-peer-exponential`` (ignores the topology's
+    edges; uses its agent count), ``random-matching`` (matchings of the topology's edges), ``link-failures``
     (the topology with each link down with probability ``p``).
     """
-    key = str(kind).strip().lower().replace("-", "_")
-    if key == "static":
-        sched: Schedule = Static(topology.matrix)
-    elif key == "one_peer_exponential":
-        sched = OnePeerExponential(topology.n_agents)
-    elif key == "random_matching":
-        sched = RandomMatching(topology.graph, seed)
-    elif key == "link_failures":
-        explicit = topology.rule == "explicit"
-        sched = LinkFailures(
-            topology.graph,
-            p,
-            rule="metropolis" if explicit else topology.rule,
-            seed=seed,
-            base_matrix=topology.matrix if explicit else None,
-        )
-    else:
-        raise choice_error(TopologyError, "schedule", kind, SCHEDULES)
-    return sched
+    return SCHEDULES.get(kind)(topology, seed, p)

@@ -1,0 +1,552 @@
+"""The round loop, shared by both engines: plan, train, exchange, mix, measure, record, checkpoint.
+
+One round ``t`` (:meth:`Engine.run_round`):
+
+1. the algorithm plans the round's mixing from the network (:meth:`~decaf_lora.algorithms.Algorithm.plan`);
+2. every present agent this process owns trains ``local_steps`` steps on its own data (absent ones sit it out);
+3. the exchange hook delivers payloads (described by :class:`~decaf_lora.payload.PayloadSpec`, screened by
+   :mod:`~decaf_lora.engine.screening`): in-process for the simulator, point to point or gathered under torchrun;
+   rejected and late senders leave the receivers' rows, which are renormalized;
+4. each own agent mixes, layer by layer, its own factors with what it received (:meth:`Engine.mix_own`); parts a
+   sender did not send are NaN, so a method that reads them fails loudly; statistics are reduced over layers by
+   the rules the algorithm declares;
+5. consensus distance, evaluation when due, one metrics row per agent (:data:`ROW_SCHEMA`), the metrics file and
+   a checkpoint of every own agent.
+
+Subclasses implement the hooks that differ between engines: :attr:`own`, :attr:`writes`, :meth:`exchange`,
+:meth:`consensus`, :meth:`collect`, :meth:`gather_states`, :attr:`rank` / :attr:`world`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..algorithms import REDUCTIONS, LayerContext, MixingPlan
+from ..config import dump_config
+from ..errors import DecafError
+from ..payload import PayloadSpec
+from ..rundir import (
+    file_digest,
+    read_identity,
+    read_metrics,
+    save_tensors,
+    write_identity,
+    write_json,
+    write_jsonl,
+    write_text,
+)
+from . import checkpoint
+from .build import Run
+from .screening import RoundFaults, renormalize_without
+from .training import LocalTraining, agent_seed
+
+#: Every column a ``metrics.jsonl`` row may have (plus the statistics the algorithm declares in ``Algorithm.stats``).
+ROW_SCHEMA: dict[str, str] = {
+    "round": "round number, counted from 1",
+    "agent": "agent id",
+    "rank": "the agent's LoRA rank after the round (largest over layers)",
+    "train_loss": "mean training loss of the round's local steps; null when the agent sat the round out",
+    "lr": "learning rate of the round's last local step",
+    "eval_loss": "loss on the shared test set (evaluated rounds only)",
+    "eval_accuracy": "accuracy on the shared test set (evaluated rounds only)",
+    "eval_f1": "macro-F1 on the shared test set (evaluated rounds only)",
+    "local_loss": "loss on the agent's own held-out examples (evaluated rounds, when partition.local_eval > 0)",
+    "local_accuracy": "accuracy on the agent's own held-out examples (evaluated rounds, when partition.local_eval > 0)",
+    "consensus_distance": "sum over layers of ||s B_i A_i - mean_j s B_j A_j||_F after the mix",
+    "neighbors": "agents whose payload this agent's row weighed this round (itself excluded)",
+    "absent": "whether the agent sat the round out (no training, no exchange)",
+    "rejected": "senders whose payload this agent rejected this round",
+    "timed_out": "neighbours whose process missed this round's exchange deadline (engine=distributed)",
+    "payload_rejected": "why this agent's own payload was rejected by its receivers, or null",
+    "bytes_sent": "bytes this agent sent this round (its payload once per receiver; once to a server)",
+    "bytes_received": "bytes this agent received this round",
+    "seconds": "wall seconds of this agent's training, its share of the mix, and its evaluation",
+}
+OPTIONAL = {"eval_loss", "eval_accuracy", "eval_f1", "local_loss", "local_accuracy"}
+#: Examples of an agent's own training data whose layer inputs feed activation-matching methods.
+ACTIVATION_EXAMPLES = 64
+ACTIVATION_ROWS = 256
+
+
+@dataclass
+class RunResult:
+    run_dir: str | None
+    summary: dict
+    metrics: list[dict]
+
+
+@dataclass
+class Exchange:
+    """What the exchange hook delivered: each accepted sender's decoded payload, the faults, and the bytes."""
+
+    received: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    faults: RoundFaults = field(default_factory=RoundFaults)
+    sent: dict[int, int] = field(default_factory=dict)
+    received_bytes: dict[int, int] = field(default_factory=dict)
+
+
+def reduce_stats(total: dict[str, torch.Tensor], stats: dict[str, torch.Tensor], rules: dict[str, str], who: str) -> None:
+    """Fold one layer's per-agent statistics into the round's totals by each statistic's declared reduction."""
+    for key, value in stats.items():
+        rule = rules.get(key)
+        if rule not in REDUCTIONS:
+            raise DecafError(
+                f"algorithm {who!r} returned the statistic {key!r} without declaring how it reduces over layers; "
+                f"add it to the class's `stats` with one of: {', '.join(REDUCTIONS)}."
+            )
+        v = value.detach().double().cpu().reshape(-1)
+        if rule == "rss":
+            v = v * v
+        if key not in total:
+            total[key] = v
+        elif rule == "max":
+            total[key] = torch.maximum(total[key], v)
+        else:
+            total[key] = total[key] + v
+
+
+class Engine:
+    """The round loop around a built :class:`~decaf_lora.engine.build.Run`; see the module docstring."""
+
+    rank, world = 0, 1
+
+    def __init__(self, run: Run, *, run_dir: str | None = None, progress: bool = True):
+        self.parts = run
+        self.cfg, self.device, self.task, self.split = run.cfg, run.device, run.task, run.split
+        self.topology, self.network, self.algorithm = run.topology, run.network, run.algorithm
+        self.model, self.states = run.model, run.states
+        self.training = LocalTraining(run.cfg, run.task, run.model, run.states, run.split.train, run.device)
+        self.algo_state = [self.algorithm.init_state(info, self.cfg.agents) for info in run.layers]
+        self.progress = progress
+        self.run_dir = run_dir
+        self.metrics: list[dict] = []
+        self.start_round, self.elapsed_before = 0, 0.0
+        self.identity: dict | None = None
+        self._file_digests: dict[str, str] = {}
+        self.heterogeneous = any(bool((rk != self.states.A[0].shape[1]).any()) for rk in self.states.ranks)
+
+    # ----------------------------------------------------------------------------------------- engine hooks
+    @property
+    def own(self) -> list[int]:
+        """Agents this process trains, mixes and evaluates."""
+        raise NotImplementedError
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes the run directory's shared files."""
+        raise NotImplementedError
+
+    def exchange(self, round_: int, plan: MixingPlan, spec: PayloadSpec) -> Exchange:
+        """Deliver this round's payloads to the own agents whose rows weigh them, screened."""
+        raise NotImplementedError
+
+    def consensus(self) -> dict[int, float]:
+        raise NotImplementedError
+
+    def collect(self, rows: list[dict], faults: RoundFaults) -> list[dict]:
+        """This round's rows of every agent (the distributed engine gathers them from all processes)."""
+        raise NotImplementedError
+
+    def gather_states(self) -> None:
+        """Make every agent's final adapter available to the writing process."""
+
+    @property
+    def optimizers(self) -> list:
+        return self.training.optimizers
+
+    # ----------------------------------------------------------------------------------------- run directory
+    def write_setup(self) -> None:
+        """The files written before round 1: identity first (so a resume can verify the config), then the rest."""
+        d = self.run_dir
+        config_text = dump_config(self.cfg)
+        self.identity = write_identity(d, config_text, torchelastic_run_id=os.environ.get("TORCHELASTIC_RUN_ID"))
+        write_text(os.path.join(d, "config.yaml"), config_text)
+        write_json(os.path.join(d, "topology.json"), self.topology.summary())
+        part = self.split.partition
+        names = self.task.examples.class_names
+        write_json(
+            os.path.join(d, "partition.json"),
+            {
+                "scheme": part.scheme,
+                "class_names": names,
+                "train_sizes": self.split.sizes.tolist(),
+                "local_eval_sizes": [len(x) for x in self.split.local_eval],
+                "histograms": part.histograms.tolist(),
+                "test_histogram": np.bincount(self.task.labels[self.split.test], minlength=len(names)).tolist(),
+                "train": [x.tolist() for x in self.split.train],
+                "local_eval": [x.tolist() for x in self.split.local_eval],
+                "test": self.split.test.tolist(),
+            },
+        )
+
+    def run_file_digests(self) -> dict[str, str]:
+        if not self._file_digests:
+            self._file_digests = {n: file_digest(os.path.join(self.run_dir, n)) for n in checkpoint.RUN_FILES}
+        return self._file_digests
+
+    # ----------------------------------------------------------------------------------------- per-agent state
+    def agent_state(self, agent: int) -> tuple[dict[str, torch.Tensor], dict]:
+        """Everything that decides ``agent``'s future: adapter, optimizer, batch order, algorithm state."""
+        tensors = {f"adapter/{k}": v[agent : agent + 1] for k, v in self.states.state_dict().items()}
+        opt, meta = self.training.state_dict(agent)
+        tensors.update({f"train/{k}": v for k, v in opt.items()})
+        for l, state in enumerate(self.algo_state):
+            tensors.update({f"algo/{l}/{k}": v[agent] for k, v in state.items()})
+        return tensors, meta
+
+    def load_agent_state(self, agent: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        adapter = {k[len("adapter/") :]: v for k, v in tensors.items() if k.startswith("adapter/")}
+        self.states.load_state_dict(adapter, agents=[agent])
+        self.training.load_state_dict(agent, {k[len("train/") :]: v for k, v in tensors.items() if k.startswith("train/")}, meta)
+        for l, state in enumerate(self.algo_state):
+            for k, v in state.items():
+                key = f"algo/{l}/{k}"
+                if key not in tensors or tuple(tensors[key].shape) != tuple(v[agent].shape):
+                    raise DecafError(f"the checkpoint lacks the algorithm state {key!r} of agent {agent}; it is not this run's.")
+                v[agent] = tensors[key].to(v.dtype).to(v.device)
+
+    def save_checkpoint(self, rounds_done: int, elapsed: float) -> None:
+        shared = {
+            "run_id": self.identity["run_id"],
+            "files": self.run_file_digests(),
+            "metrics_sha256": checkpoint.metrics_digest(self.metrics),
+            "elapsed": elapsed,
+        }
+        agents = {a: self.agent_state(a) for a in self.own}
+        checkpoint.save_shard(self.run_dir, rounds_done, self.rank, self.world, agents, shared)
+
+    def restore(self) -> None:
+        """Continue from the newest complete, verified checkpoint of ``run_dir`` (or say plainly that none exists)."""
+        d = self.run_dir
+        self.identity = read_identity(d)
+        if self.identity is None:
+            raise DecafError(
+                f"{d!r} has no run.json, so it cannot be proven to be this run's directory (it was made by an older "
+                "decaf-lora, or is not a run); start a new run."
+            )
+        if file_digest(os.path.join(d, "config.yaml")) != self.identity["config_sha256"]:
+            raise DecafError(
+                f"{os.path.join(d, 'config.yaml')!r} was changed after the run started (its digest differs from "
+                "run.json's); restore it, or start a new run."
+            )
+        has_metrics = os.path.exists(os.path.join(d, "metrics.jsonl"))
+        rows = read_metrics(d) if has_metrics else []
+
+        def check_round(meta: dict) -> None:
+            if meta.get("run_id") != self.identity["run_id"]:
+                raise DecafError(f"the checkpoints in {d!r} belong to another run (run id differs); start a new run.")
+            checkpoint.verify_run_files(d, meta)
+            done = [r for r in rows if r["round"] <= meta["round"]]
+            if not has_metrics:
+                raise DecafError(
+                    f"{os.path.join(d, 'metrics.jsonl')!r} is missing but round {meta['round']} finished; restore it, "
+                    "or start a new run."
+                )
+            if checkpoint.metrics_digest(done) != meta.get("metrics_sha256"):
+                raise DecafError(
+                    f"{os.path.join(d, 'metrics.jsonl')!r} does not hold the rows of rounds 1..{meta['round']} the run "
+                    "wrote (edited, emptied or truncated); restore it, or start a new run."
+                )
+
+        found = checkpoint.latest_complete(d, self.cfg.agents, check_round)
+        if found is None:
+            print(f"note: no round of {d!r} finished (no checkpoint); it starts again from round 1.", file=sys.stderr)
+            self.metrics = []
+            return
+        for why in found.skipped:
+            print(f"warning: passed over {why}; resuming from round {found.round}.", file=sys.stderr)
+        source = found.agent_source()
+        for a in self.own:
+            shard = source[a]
+            prefix = f"agent/{a}/"
+            tensors = {k[len(prefix) :]: v for k, v in found.tensors[shard.path].items() if k.startswith(prefix)}
+            self.load_agent_state(a, tensors, shard.meta["per_agent"][str(a)])
+        self.start_round = found.round
+        self.elapsed_before = float(found.meta.get("elapsed", 0.0))
+        self.metrics = [r for r in rows if r["round"] <= found.round]
+
+    # ----------------------------------------------------------------------------------------- one round
+    def run_round(self, t: int) -> list[dict]:
+        """Train, exchange, mix, measure one round (0-based ``t``); returns the round's rows of every agent."""
+        cfg, algo, own = self.cfg, self.algorithm, self.own
+        plan = algo.plan(t, self.network)
+        absent = self.network.absent(t)
+        self.states.set_trainable(algo.trainable(t))
+        start = self._own_factors() if "start_factors" in algo.needs else None
+        losses, t_train = {}, {}
+        for a in own:
+            t0 = time.perf_counter()
+            losses[a] = None if absent[a] else self.training.train(a, t)
+            t_train[a] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        activations = self._activations(t) if "activations" in algo.needs else None
+        spec = PayloadSpec.of(self.states, algo.sends(t))
+        ex = self.exchange(t, plan, spec)
+        W = renormalize_without(plan.W, ex.faults.left_out())
+        stats = self.mix_own(t, W, ex.received, spec, start, activations)
+        self.training.after_mix(own)
+        t_mix = (time.perf_counter() - t0) / len(own)
+        consensus = self.consensus()
+        evals, t_eval = {a: {} for a in own}, {a: 0.0 for a in own}
+        if (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.rounds:
+            for a in own:
+                t0 = time.perf_counter()
+                evals[a] = self.evaluate_agent(a)
+                t_eval[a] = time.perf_counter() - t0
+        rows = []
+        for a in own:
+            row = {
+                "round": t + 1,
+                "agent": a,
+                "rank": int(max(int(rk[a]) for rk in self.states.ranks)),
+                "train_loss": losses[a],
+                "lr": self.training.lr(t),
+                **evals[a],
+                "consensus_distance": float(consensus[a]),
+                **{k: v.get(a) for k, v in stats.items()},
+                "neighbors": int(np.count_nonzero(plan.W[a]) - (plan.W[a, a] != 0)),
+                "absent": bool(absent[a]),
+                "rejected": ex.faults.rejected.get(a, []),
+                "timed_out": ex.faults.timed_out.get(a, []),
+                "payload_rejected": ex.faults.reasons.get(a),
+                "bytes_sent": int(ex.sent.get(a, 0)),
+                "bytes_received": int(ex.received_bytes.get(a, 0)),
+                "seconds": {"train": t_train[a], "mix": t_mix, "eval": t_eval[a]},
+            }
+            rows.append(self._checked_row(row))
+        return sorted(self.collect(rows, ex.faults), key=lambda r: r["agent"])
+
+    def _checked_row(self, row: dict) -> dict:
+        """The declared schema, with strict JSON values (a non-finite number becomes null)."""
+        unknown = set(row) - set(ROW_SCHEMA) - set(self.algorithm.stats)
+        if unknown:
+            raise DecafError(f"metrics row has undeclared columns {sorted(unknown)}; declare them in ROW_SCHEMA or stats.")
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+
+    def _own_factors(self) -> dict[str, list[torch.Tensor]]:
+        own = torch.tensor(self.own, device=self.states.A[0].device)
+        return {"A": [A[own].clone() for A in self.states.A], "B": [B[own].clone() for B in self.states.B]}
+
+    @torch.no_grad()
+    def _activations(self, t: int) -> list[torch.Tensor]:
+        """Per layer, (own agents, rows, k): the layer's inputs on a sample of each agent's own training data, in
+        eval mode, drawn from a stream of (seed, agent, round) so every process and resumed run sees the same."""
+        from ..tasks.base import to_device
+
+        layers = self.states.layers
+        out: list[list[torch.Tensor]] = [[] for _ in layers]
+        captured: dict[int, torch.Tensor] = {}
+        hooks = [
+            layer.module.register_forward_pre_hook(lambda m, args, l=l: captured.__setitem__(l, args[0].detach()))
+            for l, layer in enumerate(layers)
+        ]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for a in self.own:
+                rng = np.random.default_rng(agent_seed(self.cfg.seed, 43, a, t))
+                data = self.split.train[a]
+                idx = np.sort(rng.choice(data, size=min(ACTIVATION_EXAMPLES, len(data)), replace=False))
+                self.states.load(a)
+                captured.clear()
+                self.task.loss(self.model, to_device(self.task.batch(idx), self.device))
+                for l in range(len(layers)):
+                    x = captured[l].reshape(-1, captured[l].shape[-1]).float()
+                    pick = rng.choice(x.shape[0], size=min(ACTIVATION_ROWS, x.shape[0]), replace=False)
+                    rows = x[torch.as_tensor(np.sort(pick), device=x.device)]
+                    out[l].append(torch.nn.functional.pad(rows, (0, 0, 0, ACTIVATION_ROWS - rows.shape[0])))
+        finally:
+            for h in hooks:
+                h.remove()
+            self.model.train(was_training)
+        return [torch.stack(x) for x in out]
+
+    @torch.no_grad()
+    def mix_own(self, t: int, W: np.ndarray, received: dict[int, list[torch.Tensor]], spec: PayloadSpec,
+                start=None, activations=None) -> dict[str, dict[int, float]]:
+        """Mix every own agent, layer by layer, with its own factors and the payloads it received.
+
+        The stacked inputs are the own agents (their true current state) followed by every received sender (the
+        decoded payload, exactly what crossed the wire); a part the sender did not send is NaN. Row i of the mix
+        puts ``W[i, i]`` on agent i's own column and ``W[i, j]`` on sender j's received column.
+        """
+        st, algo, own = self.states, self.algorithm, self.own
+        dev = st.A[0].device
+        senders = sorted(received)
+        theirs = W[np.ix_(own, senders)].copy()
+        theirs[np.array(own)[:, None] == np.array(senders, dtype=np.int64)[None, :]] = 0  # i's own column is its own
+        rows = torch.from_numpy(np.concatenate([np.diag(W[own, own]), theirs], axis=1)).to(dev)
+        self_index = torch.arange(len(own), device=dev)
+        own_t = torch.tensor(own, device=dev)
+        inputs = torch.tensor(own + senders, device=dev)
+        index = {(e.part, e.where): k for k, e in enumerate(spec.entries)}
+        nan = float("nan")
+
+        def stacked(part: str, where, own_rows: torch.Tensor) -> torch.Tensor:
+            k = index.get((part, where))
+            if k is None:
+                theirs = [torch.full_like(own_rows[0], nan)] * len(senders)
+            else:
+                theirs = [received[j][k].to(dev).to(own_rows.dtype) for j in senders]
+            return torch.cat([own_rows, torch.stack(theirs)]) if senders else own_rows
+
+        totals: dict[str, torch.Tensor] = {}
+        for l, layer in enumerate(st.layers):
+            E_in = stacked("E", l, st.E[l][own_t]) if st.E is not None else None
+            ctx = LayerContext(
+                layer=l,
+                name=layer.name,
+                scale=layer.scale,
+                agents=own_t,
+                inputs=inputs,
+                start_A=start["A"][l] if start else None,
+                start_B=start["B"][l] if start else None,
+                activations=activations[l] if activations is not None else None,
+                E=E_in,
+                state={k: v[own_t] for k, v in self.algo_state[l].items()},
+            )
+            ranks = st.ranks[l][own_t] if self.heterogeneous else None
+            out = algo.mix(stacked("A", l, st.A[l][own_t]), stacked("B", l, st.B[l][own_t]), rows, round_=t,
+                           self_index=self_index, ranks=ranks, context=ctx)
+            if out.ranks is not None:
+                st.ranks[l][own_t] = out.ranks.to(st.ranks[l].dtype).cpu()
+            st.A[l][own_t] = out.A.to(st.A[l].dtype)
+            st.B[l][own_t] = out.B.to(st.B[l].dtype)
+            if self.heterogeneous or out.ranks is not None:
+                keep = torch.arange(st.A[l].shape[1], device=dev)[None, :] < st.ranks[l][own_t].to(dev)[:, None]
+                st.B[l][own_t] = st.B[l][own_t] * keep[:, None, :]
+                st.A[l][own_t] = st.A[l][own_t] * keep[:, :, None]
+            if out.E is not None:
+                st.E[l][own_t] = out.E.to(st.E[l].dtype)
+            for k, v in (out.state or {}).items():
+                self.algo_state[l][k][own_t] = v.to(self.algo_state[l][k].dtype)
+            reduce_stats(totals, out.stats, algo.stats, algo.name)
+        if "head" in spec.parts:
+            for name, h in st.H.items():
+                h[own_t] = torch.einsum("ij,j...->i...", rows.to(h.dtype), stacked("head", name, h[own_t]))
+        for key, rule in algo.stats.items():
+            if key in totals and rule == "rss":
+                totals[key] = totals[key].sqrt()
+        return {k: dict(zip(own, v.tolist())) for k, v in totals.items()}
+
+    # ----------------------------------------------------------------------------------------- evaluation
+    def evaluate_agent(self, agent: int) -> dict:
+        self.states.load(agent)
+        bs = self.cfg.task.eval_batch_size
+        shared = self.task.evaluate(self.model, self.split.test, bs, self.device)
+        local = self.task.evaluate(self.model, self.split.local_eval[agent], bs, self.device)
+        out = {"eval_loss": shared["loss"], "eval_accuracy": shared["accuracy"], "eval_f1": shared["f1"]}
+        if local:
+            out.update(local_loss=local["loss"], local_accuracy=local["accuracy"])
+        return out
+
+    # ----------------------------------------------------------------------------------------- the loop
+    def run(self) -> RunResult:
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            desc = f"{self.algorithm.name} x{cfg.agents}"
+            bar = tqdm(total=cfg.rounds, initial=self.start_round, desc=desc, unit="round", dynamic_ncols=True)
+        last_acc = float("nan")
+        for t in range(self.start_round, cfg.rounds):
+            rows = self.run_round(t)
+            self.metrics += rows
+            evaluated = [r["eval_accuracy"] for r in rows if r.get("eval_accuracy") is not None]
+            if evaluated:
+                last_acc = float(np.mean(evaluated))
+            if self.run_dir:
+                try:
+                    if self.writes:
+                        write_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), self.metrics)
+                except OSError as exc:
+                    raise DecafError(
+                        f"could not write {os.path.join(self.run_dir, 'metrics.jsonl')!r} ({exc.strerror or exc}); round "
+                        f"{t} stays resumable: free space and continue with `decaf run --resume {self.run_dir}`."
+                    ) from None
+                self.save_checkpoint(t + 1, self.elapsed_before + time.perf_counter() - t_start)
+            if bar is not None:
+                live = [r["train_loss"] for r in rows if r["train_loss"] is not None]
+                loss = f"{np.mean(live):.3f}" if live else "-"
+                bar.set_postfix(loss=loss, acc="-" if np.isnan(last_acc) else f"{last_acc:.3f}")
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        summary = self.summarize(self.elapsed_before + time.perf_counter() - t_start)
+        for warning in summary["warnings"]:
+            print(f"warning: {warning}", file=sys.stderr)
+        self.gather_states()
+        if self.run_dir and self.writes:
+            self.write_results(summary)
+        return RunResult(self.run_dir, summary, self.metrics)
+
+    def write_results(self, summary: dict) -> None:
+        """Final adapters, then the summary (its presence marks the run finished), then the report."""
+        adapters = os.path.join(self.run_dir, "adapters.safetensors")
+        tensors = self.states.state_dict()
+        bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise DecafError(f"the final adapters hold NaN or infinite values ({bad[0]}); the run diverged, lower optim.lr.")
+        meta = {"format": "decaf-lora agents x factors", "run_id": self.identity["run_id"]}
+        save_tensors(adapters, tensors, {**meta, "tensors_sha256": checkpoint.tensors_digest(tensors)})
+        write_json(os.path.join(self.run_dir, "summary.json"), summary)
+        from ..report import write_report
+
+        write_report(self.run_dir)
+
+    def summarize(self, wall: float) -> dict:
+        """The run's headline numbers, from the final round's rows; refuses non-finite numbers, warns on blow-up."""
+        cfg = self.cfg
+        last = [m for m in self.metrics if m["round"] == cfg.rounds]
+        acc = np.array([m.get("eval_accuracy") for m in last], dtype=float)
+        if len(last) != cfg.agents or not np.isfinite(acc).all():
+            raise DecafError(
+                f"the final round's metrics are incomplete or not finite ({len(last)} of {cfg.agents} agents); "
+                "no summary can be computed from them."
+            )
+        warnings = []
+        losses = {r: [m["train_loss"] for m in self.metrics if m["round"] == r and m["train_loss"] is not None]
+                  for r in (1, cfg.rounds)}
+        if losses[1] and losses[cfg.rounds] and np.mean(losses[cfg.rounds]) > 10 * max(np.mean(losses[1]), 1e-12):
+            warnings.append(
+                f"the training loss blew up: {np.mean(losses[cfg.rounds]):.4g} in the last round against "
+                f"{np.mean(losses[1]):.4g} in the first; lower optim.lr (now {cfg.optim.lr})."
+            )
+        test_hist = np.bincount(self.task.labels[self.split.test])
+        local = [m.get("local_accuracy") for m in last]
+        return {
+            "name": cfg.name,
+            "algorithm": self.algorithm.name,
+            "algorithm_options": self.algorithm.options(),
+            "agents": cfg.agents,
+            "rounds": cfg.rounds,
+            "local_steps": cfg.local_steps,
+            "topology": self.topology.name,
+            "spectral_gap": self.topology.spectral_gap,
+            "partition": self.split.partition.scheme,
+            "seed": cfg.seed,
+            "split_seed": cfg.split_seed,
+            "state_after_mix": cfg.optim.state_after_mix,
+            "ranks": cfg.agent_ranks(),
+            "metric": self.task.metric,
+            "final_accuracy": {"mean": float(acc.mean()), "min": float(acc.min()), "max": float(acc.max())},
+            "final_f1_mean": float(np.mean([m["eval_f1"] for m in last])),
+            "final_local_accuracy_mean": float(np.mean(local)) if all(v is not None for v in local) else None,
+            "final_consensus_distance": float(np.mean([m["consensus_distance"] for m in last])),
+            "majority_rate": float(test_hist.max() / test_hist.sum()),
+            "bytes_sent_per_agent": float(
+                np.mean([sum(m["bytes_sent"] for m in self.metrics if m["agent"] == a) for a in range(cfg.agents)])
+            ),
+            "wall_seconds": wall,
+            "adapter_bytes": self.states.adapter_bytes(),
+            "warnings": warnings,
+        }

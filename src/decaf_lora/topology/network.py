@@ -1,0 +1,83 @@
+"""The network as one round sees it: the schedule's graph with this round's faults, who is absent, how much data
+each agent holds, and how fast gossip on it mixes.
+
+This is what an algorithm plans a round with (:meth:`decaf_lora.algorithms.Algorithm.plan`): gossip methods take
+:meth:`Network.gossip`, a server method weighs the present agents by :attr:`Network.data_sizes`, local training
+takes :meth:`Network.identity`. Every answer is a pure function of (seed, round), so all processes agree.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import numpy as np
+
+from .faults import absent_agents, drop_links, isolate
+from .mixing import spectral_gap
+from .schedules import Schedule
+
+#: Rounds sampled to estimate the mixing rate of a schedule that changes from round to round.
+MIXING_RATE_SAMPLES = 256
+
+
+class Network:
+    """A schedule plus the run's faults and data sizes; see the module docstring."""
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        *,
+        seed: int = 0,
+        link_drop: float = 0.0,
+        agent_dropout: float = 0.0,
+        data_sizes: np.ndarray | None = None,
+    ):
+        self.schedule = schedule
+        self.n_agents = int(schedule.n_agents)
+        self.seed = int(seed)
+        self.link_drop = float(link_drop)
+        self.agent_dropout = float(agent_dropout)
+        sizes = np.ones(self.n_agents) if data_sizes is None else np.asarray(data_sizes, dtype=np.float64)
+        self.data_sizes = sizes
+
+    def absent(self, round_: int) -> np.ndarray:
+        """Agents that sit ``round_`` out (no training, no exchange)."""
+        return absent_agents(self.n_agents, self.agent_dropout, self.seed, round_)
+
+    def gossip(self, round_: int) -> np.ndarray:
+        """This round's mixing matrix: the schedule's, with failed links and absent agents cut off."""
+        w = drop_links(self.schedule.matrix(round_), self.link_drop, self.seed, round_)
+        return isolate(w, self.absent(round_))
+
+    def identity(self) -> np.ndarray:
+        return np.eye(self.n_agents)
+
+    @property
+    def faulty(self) -> bool:
+        return self.link_drop > 0 or self.agent_dropout > 0
+
+    @cached_property
+    def spectral_gap(self) -> float:
+        """``1 - |lambda_2|`` of the round-0 matrix without faults (the nominal graph)."""
+        return spectral_gap(self.schedule.matrix(0))
+
+    def mixing_rate(self, samples: int = MIXING_RATE_SAMPLES) -> float:
+        """``rho = lambda_max(E[W^T W] - 1 1^T / N)`` over the rounds the run will see, faults included.
+
+        Koloskova et al.'s contraction factor of random gossip: one round shrinks the expected squared disagreement
+        by at least rho. For a static symmetric W without faults it is exactly ``lambda_2(W)^2``; otherwise
+        ``E[W^T W]`` is averaged over rounds 0..samples-1 (the schedule's and the faults' own random draws, so the
+        estimate is what this run will see). TAD-LoRA chooses its phase length from it.
+        """
+        n = self.n_agents
+        if n < 2:
+            return 0.0
+        deterministic = getattr(self.schedule, "deterministic", False)
+        rounds = range(self.schedule.period) if deterministic and not self.faulty else range(samples)
+        second = np.zeros((n, n))
+        for t in rounds:
+            w = self.gossip(t)
+            second += w.T @ w
+        second /= len(rounds)
+        centred = second - np.full((n, n), 1.0 / n)
+        return float(max(0.0, np.linalg.eigvalsh(0.5 * (centred + centred.T))[-1]))
