@@ -5,11 +5,13 @@
 >>> "decaf" in algorithms.available()
 True
 
-A new method is one file here with a dataclass of options and one ``@register`` line, plus its import below.
+A new method is one file here: a dataclass of options and one ``@register`` line. Every module of this package is
+imported below, and importing a method's module registers it.
 """
 
-# Importing a method's module registers it.
-from . import decaf, dlora, dlora_fa, fedavg, local  # noqa: F401
+import importlib as _importlib
+import pkgutil as _pkgutil
+
 from .base import (
     FACTORS,
     PARTS,
@@ -27,6 +29,9 @@ from .dlora_fa import DLoRAFA
 from .fedavg import FedAvg, server_weights
 from .local import Local
 from .registry import available, get, register
+
+for _module in _pkgutil.iter_modules(__path__):
+    _importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "FACTORS",
