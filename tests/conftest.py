@@ -91,3 +91,32 @@ def pytest_addoption(parser):
     parser.addoption(
         "--update-golden", action="store_true", help="rewrite tests/engine/golden_numbers.json from this code"
     )
+
+
+def digits_task(width=32, head=False):
+    """scikit-learn's digits through a ModuleTask: 1,497 training and 300 test examples, a TinyMLP with LoRA on fc1
+    and fc2, or (``head=True``) LoRA on fc1 and fc2 trained fully as a head."""
+    from sklearn.datasets import load_digits
+
+    from decaf_lora.tasks import ModuleTask
+
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32) / 16
+    parts = {"targets": ["fc1"], "head": ["fc2"]} if head else {"targets": ["fc1", "fc2"]}
+    return ModuleTask(lambda: TinyMLP(width), x[300:], d.target[300:], x[:300], d.target[:300], **parts)
+
+
+def cfg_for(tmp_path, **kw):
+    """A small run of the digits task: 4 agents, 4 rounds of 8 steps; keywords override."""
+    base = {
+        "agents": 4,
+        "rounds": 4,
+        "local_steps": 8,
+        "eval_every": 2,
+        "optim": {"lr": 1e-2},
+        "lora": {"rank": 2},
+        "out_dir": str(tmp_path),
+    }
+    for k, v in kw.items():
+        base[k] = v
+    return base

@@ -62,7 +62,7 @@ def test_consensus_export_is_the_best_fit_of_the_mean_product(finished_run, tmp_
     from peft import PeftModel
 
     sim = finished_run
-    cons = consensus_state(sim.states)
+    cons = consensus_state(sim.states.state_dict())
     for l, layer in enumerate(sim.states.layers):
         mean = (sim.states.B[l] @ sim.states.A[l]).mean(0)
         U, S, Vh = torch.linalg.svd(mean.double())

@@ -80,7 +80,12 @@ def test_shadow_logs_the_dense_difference_between_decaf_and_dlora_on_the_same_fa
         norm2 += (layer.scale * torch.linalg.matrix_norm(decaf)) ** 2
     assert np.allclose([diag["shadow_dlora_gap"][a] for a in range(4)], gap2.sqrt().numpy(), rtol=1e-6)
     assert all(v > 0 for v in diag["shadow_dlora_interference"].values())
-    rows = with_relative_gap([{"shadow_dlora_gap": diag["shadow_dlora_gap"][a], "shadow_decaf_norm": diag["shadow_decaf_norm"][a]} for a in range(4)])
+    rows = with_relative_gap(
+        [
+            {"shadow_dlora_gap": diag["shadow_dlora_gap"][a], "shadow_decaf_norm": diag["shadow_decaf_norm"][a]}
+            for a in range(4)
+        ]
+    )
     assert np.allclose([r["shadow_dlora_gap_relative"] for r in rows], (gap2.sqrt() / norm2.sqrt()).numpy(), rtol=1e-6)
 
 

@@ -9,10 +9,6 @@ stacked layout (per adapted layer: A as agents x r x k, B as agents x d x r) is 
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -139,7 +135,9 @@ class AgentStates:
     B and rows of A, and the padded entries stay zero through training (their gradients are zero) and mixing.
     """
 
-    def __init__(self, peft_model: nn.Module, n_agents: int, ranks: list[int] | None = None, base_correction: bool = False):
+    def __init__(
+        self, peft_model: nn.Module, n_agents: int, ranks: list[int] | None = None, base_correction: bool = False
+    ):
         self.model = peft_model
         self.layers = adapted_layers(peft_model)
         self.heads = head_parameters(peft_model)
@@ -234,11 +232,15 @@ class AgentStates:
         with torch.no_grad():
             for key, dest in targets.items():
                 if key not in tensors:
-                    raise DecafError(f"the saved adapters lack {key!r}; they were not written for this model and config.")
+                    raise DecafError(
+                        f"the saved adapters lack {key!r}; they were not written for this model and config."
+                    )
                 src = tensors[key]
                 want = dest[rows].shape
                 if tuple(src.shape) != tuple(want):
-                    raise DecafError(f"the saved {key!r} has shape {tuple(src.shape)} but this run needs {tuple(want)}.")
+                    raise DecafError(
+                        f"the saved {key!r} has shape {tuple(src.shape)} but this run needs {tuple(want)}."
+                    )
                 dest[rows] = src.to(dest.dtype).to(dest.device)
 
     def adapter_bytes(self) -> int:
@@ -270,58 +272,29 @@ def mask_to_ranks(B: torch.Tensor, A: torch.Tensor, ranks: torch.Tensor) -> tupl
     return B * keep[:, None, :], A * keep[:, :, None]
 
 
-def consensus_state(states: AgentStates, weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """One adapter for the whole network: the best rank-r factorization of the (weighted) mean product per layer,
-    and the weighted mean head. This is what a server would compute; a natural single model to ship."""
+def consensus_state(stacked: dict[str, torch.Tensor], weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One adapter for the whole network from every agent's stacked state (:meth:`AgentStates.state_dict`): the best
+    rank-r factorization of the (weighted) mean product per layer, the weighted mean head and the weighted mean base
+    correction (exact). This is what a server would compute; a natural single model to ship."""
     from .lowrank import split_factors, truncated_svd_of_sum
 
-    n = states.n_agents
-    w = torch.full((n,), 1.0 / n) if weights is None else weights / weights.sum()
+    n = next(iter(stacked.values())).shape[0]
+    w = torch.full((n,), 1.0 / n, dtype=torch.float64) if weights is None else weights.double() / weights.sum()
     out = {}
-    for layer, A, B in zip(states.layers, states.A, states.B):
+    for key in [k for k in stacked if k.endswith(".lora_A")]:
+        name = key[: -len(".lora_A")]
+        A, B = stacked[key], stacked[f"{name}.lora_B"]
         t = truncated_svd_of_sum(B, A, w.to(A.device), A.shape[1])
         Bc, Ac = split_factors(t.U, t.S, t.Vh, "all-into-b")
-        out[f"{layer.name}.lora_A"] = Ac.to(A.dtype)
-        out[f"{layer.name}.lora_B"] = Bc.to(B.dtype)
-    for name, h in states.H.items():
-        out[f"head::{name}"] = torch.einsum("i,i...->...", w.to(h.dtype), h)
+        out[f"{name}.lora_A"], out[f"{name}.lora_B"] = Ac.to(A.dtype), Bc.to(B.dtype)
+        out[f"{name}.rank"] = torch.tensor(A.shape[1])
+        if f"{name}.base_correction" in stacked:
+            E = stacked[f"{name}.base_correction"]
+            out[f"{name}.base_correction"] = torch.einsum("i,idk->dk", w.to(E.dtype), E)
+    for key in [k for k in stacked if k.startswith("head::")]:
+        out[key] = torch.einsum("i,i...->...", w.to(stacked[key].dtype), stacked[key])
     return out
 
 
 def agent_state(states_dict: dict[str, torch.Tensor], agent: int) -> dict[str, torch.Tensor]:
     return {k: v[agent] for k, v in states_dict.items()}
-
-
-def save_peft_adapter(
-    peft_model: nn.Module, single_state: dict[str, torch.Tensor], out_dir: str, base_model_path: str | None = None
-) -> str:
-    """Load one adapter (unstacked state) into ``peft_model`` and write a PEFT adapter directory atomically.
-
-    The directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` and loads with
-    ``PeftModel.from_pretrained(base, out_dir)``. Factors are stored unscaled, exactly as PEFT keeps them, with the
-    run's ``lora_alpha`` and rank, so PEFT applies the same scale the run used.
-    """
-    layers = adapted_layers(peft_model)
-    heads = head_parameters(peft_model)
-    with torch.no_grad():
-        for layer in layers:
-            layer.A.copy_(single_state[f"{layer.name}.lora_A"])
-            layer.B.copy_(single_state[f"{layer.name}.lora_B"])
-        for n, p in heads.items():
-            p.copy_(single_state[f"head::{n}"])
-    if base_model_path:
-        peft_model.peft_config[ADAPTER].base_model_name_or_path = base_model_path
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".export-")
-    try:
-        peft_model.save_pretrained(tmp)
-        with open(os.path.join(tmp, "adapter_config.json"), encoding="utf-8") as fh:
-            json.load(fh)  # sanity: PEFT wrote a readable config
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir

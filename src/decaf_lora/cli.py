@@ -209,15 +209,16 @@ def compare(args: tuple[str, ...], algos: str, seeds: int, quiet: bool) -> None:
     "out_dir",
     required=True,
     type=click.Path(),
-    help="Directory to write (adapter_config.json + adapter_model.safetensors).",
+    help="New or empty directory to write (adapter_config.json + adapter_model.safetensors).",
 )
-def export(run_dir: str, agent: int | None, consensus: bool, out_dir: str) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace a previous export in --out (never anything else).")
+def export(run_dir: str, agent: int | None, consensus: bool, out_dir: str, overwrite: bool) -> None:
     """Write a PEFT adapter directory that PeftModel.from_pretrained loads."""
     from .export import export_adapter
 
     if (agent is None) == (not consensus):
         raise DecafError("give exactly one of --agent I or --consensus.")
-    path = export_adapter(run_dir, out_dir, agent=agent)
+    path = export_adapter(run_dir, out_dir, agent=agent, overwrite=overwrite)
     click.echo(f"wrote PEFT adapter to {path}")
 
 

@@ -30,13 +30,17 @@ def method_names(algorithms) -> list[str]:
         if a in ALGORITHMS:
             names.append(ALGORITHMS.canonical(a))
         else:
-            problems.append(f"--algorithms names {a!r}, which is not known; choose from: all, {', '.join(ALGORITHMS.names())}.")
+            problems.append(
+                f"--algorithms names {a!r}, which is not known; choose from: all, {', '.join(ALGORITHMS.names())}."
+            )
     if problems:
         raise ConfigError(problems)
     return list(dict.fromkeys(names))
 
 
-def compare(config=None, algorithms=DEFAULT, seeds: int = 1, *, task=None, overrides=(), progress: bool = False) -> dict:
+def compare(
+    config=None, algorithms=DEFAULT, seeds: int = 1, *, task=None, overrides=(), progress: bool = False
+) -> dict:
     """Run each method for ``seeds`` training seeds on one config; returns the output directory, the markdown table
     and every run's summary. ``config``: a YAML path, a mapping or a :class:`RunConfig`; ``task``: your own task."""
     from .engine import make_engine
@@ -55,7 +59,9 @@ def compare(config=None, algorithms=DEFAULT, seeds: int = 1, *, task=None, overr
         for algo in names:
             # the base config's algorithm options belong to its own algorithm only
             extra = [] if algo == base.algorithm else ["algorithm_options={}"]
-            cfg = load_config(config, [*overrides, f"algorithm={algo}", f"seed={base.seed + seed}", f"out_dir={out_dir}", *extra])
+            cfg = load_config(
+                config, [*overrides, f"algorithm={algo}", f"seed={base.seed + seed}", f"out_dir={out_dir}", *extra]
+            )
             res = make_engine(cfg, task, progress=progress).run()
             summaries.append(res.summary)
             dirs.setdefault(res.summary["algorithm"], []).append(res.run_dir)

@@ -110,7 +110,9 @@ class LoraConfig:
         "gets ranks[a % 3]); each at most lora.rank; empty = every agent uses lora.rank",
         items={"type": int, "ge": 1},
     )
-    alpha: float = option(8.0, "LoRA alpha (PEFT's lora_alpha): scale = alpha / r, or alpha / sqrt(r) with rslora", ge=0)
+    alpha: float = option(
+        8.0, "LoRA alpha (PEFT's lora_alpha): scale = alpha / r, or alpha / sqrt(r) with rslora", ge=0
+    )
     dropout: float = option(0.0, "dropout on the LoRA input", ge=0, lt=1)
     targets: list = option([], "module names to adapt; empty = the task's default (query, key, value, dense for BERT)")
     rslora: bool = option(False, "rank-stabilized scaling alpha / sqrt(r) (CLIP-LoRA's convention)")
@@ -124,7 +126,9 @@ class OptimConfig:
     warmup_steps: int = option(0, "linear warm-up steps before the cosine decay", ge=0)
     grad_clip: float = option(1.0, "clip each agent's gradient norm to this (0 = off)", ge=0)
     state_after_mix: str = option(
-        "reset", "AdamW moments after each mixing step: reset (they refer to the old basis) or keep", choices=STATE_POLICIES
+        "reset",
+        "AdamW moments after each mixing step: reset (they refer to the old basis) or keep",
+        choices=STATE_POLICIES,
     )
 
 
@@ -139,10 +143,17 @@ class TaskConfig:
     dataset: str = option(
         "tweets", "data: tweets (38k labelled tweets), digits, mnist, a .csv/.jsonl file, an image folder, or hf:NAME"
     )
-    text_column: str = option("text", "column with the input text (csv/jsonl); several columns joined: passage,question")
+    text_column: str = option(
+        "text", "column with the input text (csv/jsonl); several columns joined: passage,question"
+    )
     label_column: str = option("label", "column with the label (csv/jsonl)")
     max_length: int = option(32, "tokens per example after truncation", ge=2)
-    train_examples: int = option(6000, "training examples drawn from the data set before splitting (0 = all)", ge=0)
+    train_examples: int = option(
+        -1,
+        "training examples drawn from the data set before splitting: -1 = the data set's default (6000 of the built-in "
+        "tweets, all of any other data), 0 = all",
+        ge=-1,
+    )
     test_examples: int = option(400, "examples held out as the shared test set", ge=1)
     batch_size: int = option(16, "local mini-batch size", ge=1)
     eval_batch_size: int = option(128, "batch size for evaluation", ge=1)
@@ -162,7 +173,9 @@ class FaultsConfig:
     link_drop: float = option(
         0.0, "probability that each link is down in a round, on top of the topology's schedule", ge=0, lt=1
     )
-    agent_dropout: float = option(0.0, "probability that an agent sits a round out (no training, no exchange)", ge=0, lt=1)
+    agent_dropout: float = option(
+        0.0, "probability that an agent sits a round out (no training, no exchange)", ge=0, lt=1
+    )
     poison_agent: int = option(-1, "for testing defences: this agent sends broken payloads (-1 = nobody)", ge=-1)
     poison: str = option("nan", "what the poisoned agent sends: nan, shape (a wrong shape) or scale", choices=POISONS)
     max_norm: float = option(1e4, "reject a received factor whose Frobenius norm exceeds this (0 = no bound)", ge=0)
@@ -249,8 +262,10 @@ def allowed_text(meta: dict) -> str:
     if bounds:
         return "in " + _interval(meta)
     if "items" in meta:
-        return "a list of " + ("integers" if meta["items"].get("type") is int else "values") + (
-            f" {allowed_text(meta['items'])}" if allowed_text(meta["items"]) else ""
+        return (
+            "a list of "
+            + ("integers" if meta["items"].get("type") is int else "values")
+            + (f" {allowed_text(meta['items'])}" if allowed_text(meta["items"]) else "")
         )
     return ""
 
@@ -277,7 +292,14 @@ def _leaf_names() -> list[str]:
     return [name for name, _, _ in field_help()]
 
 
-_KIND = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list", dict: "a mapping"}
+_KIND = {
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    str: "a string",
+    list: "a list",
+    dict: "a mapping",
+}
 
 
 def _coerce(path: str, value: Any, typ: type, problems: list[str]) -> Any:
@@ -425,7 +447,9 @@ def read_config_file(path: str) -> dict:
     if not os.path.isfile(path):
         raise ConfigError([f"config file {path!r} does not exist; give the path of a YAML file (see examples/)."])
     if os.path.getsize(path) > MAX_CONFIG_BYTES:
-        raise ConfigError([f"config file {path!r} is larger than {MAX_CONFIG_BYTES >> 20} MiB; a config is a few lines."])
+        raise ConfigError(
+            [f"config file {path!r} is larger than {MAX_CONFIG_BYTES >> 20} MiB; a config is a few lines."]
+        )
     try:
         with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh) or {}
@@ -436,11 +460,15 @@ def read_config_file(path: str) -> dict:
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError([f"config file {path!r} is not valid YAML{where}; fix the syntax."]) from None
     if not isinstance(data, dict):
-        raise ConfigError([f"config file {path!r} must hold a mapping of fields (key: value), not {type(data).__name__}."])
+        raise ConfigError(
+            [f"config file {path!r} must hold a mapping of fields (key: value), not {type(data).__name__}."]
+        )
     return data
 
 
-def load_config(path: str | dict | None = None, overrides: list[str] | tuple[str, ...] = (), validate: bool = True) -> RunConfig:
+def load_config(
+    path: str | dict | None = None, overrides: list[str] | tuple[str, ...] = (), validate: bool = True
+) -> RunConfig:
     """Defaults, then the YAML file or mapping (if any), then overrides; every problem reported at once."""
     cfg = RunConfig()
     problems: list[str] = []
@@ -507,7 +535,9 @@ def _cross_field_problems(cfg: RunConfig, bad: set[str]) -> list[str]:
     """The rules that involve two fields; every single-field rule is declared on the field itself."""
     p: list[str] = []
     if "optim.min_lr" not in bad and "optim.lr" not in bad and cfg.optim.min_lr > cfg.optim.lr:
-        p.append(f"optim.min_lr={cfg.optim.min_lr} is larger than optim.lr={cfg.optim.lr}; use a value from 0 to optim.lr.")
+        p.append(
+            f"optim.min_lr={cfg.optim.min_lr} is larger than optim.lr={cfg.optim.lr}; use a value from 0 to optim.lr."
+        )
     if "faults.poison_agent" not in bad and cfg.faults.poison_agent >= cfg.agents:
         p.append(
             f"faults.poison_agent={cfg.faults.poison_agent} is out of range; use -1 (nobody) or an agent from 0 to "

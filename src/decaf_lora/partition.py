@@ -181,7 +181,13 @@ def natural(labels, n_agents: int, keys, seed: int = 0) -> Partition:
     return _finish("natural", merged, y, c, rng)
 
 
-for _fn, _name in ((iid, "iid"), (dirichlet, "dirichlet"), (round_robin, "round-robin"), (shards, "shards"), (natural, "natural")):
+for _fn, _name in (
+    (iid, "iid"),
+    (dirichlet, "dirichlet"),
+    (round_robin, "round-robin"),
+    (shards, "shards"),
+    (natural, "natural"),
+):
     PARTITIONS.register(_fn, name=_name)
 SCHEMES = PARTITIONS
 

@@ -68,7 +68,9 @@ def write_json(path: str, data) -> None:
 
 
 def write_jsonl(path: str, rows: list[dict]) -> None:
-    _atomic(path, lambda fh: fh.writelines(json.dumps(_finite(r), default=_jsonable, allow_nan=False) + "\n" for r in rows))
+    _atomic(
+        path, lambda fh: fh.writelines(json.dumps(_finite(r), default=_jsonable, allow_nan=False) + "\n" for r in rows)
+    )
 
 
 def _jsonable(x):
@@ -94,7 +96,9 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a damaged file
-        raise DecafError(f"{path!r} cannot be read as safetensors ({type(exc).__name__}); the file is damaged.") from None
+        raise DecafError(
+            f"{path!r} cannot be read as safetensors ({type(exc).__name__}); the file is damaged."
+        ) from None
 
 
 def _read_text(path: str) -> str:
@@ -154,7 +158,9 @@ def fresh_dir(out_dir: str, stem: str) -> str:
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as exc:
-        raise DecafError(f"out_dir={out_dir!r} cannot be created ({exc.strerror}); choose a writable directory.") from None
+        raise DecafError(
+            f"out_dir={out_dir!r} cannot be created ({exc.strerror}); choose a writable directory."
+        ) from None
     base = os.path.join(out_dir, f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     for n in range(1, 10_000):
         path = base if n == 1 else f"{base}-{n}"
@@ -197,7 +203,9 @@ def read_identity(run_dir: str) -> dict | None:
 def check_run_dir(run_dir: str, need: tuple[str, ...] = ("config.yaml", "metrics.jsonl")) -> str:
     """A finished or running run directory, or one clear error."""
     if not os.path.isdir(run_dir):
-        raise DecafError(f"run directory {run_dir!r} does not exist; pass a directory created by `decaf run` (under runs/).")
+        raise DecafError(
+            f"run directory {run_dir!r} does not exist; pass a directory created by `decaf run` (under runs/)."
+        )
     missing = [f for f in need if not os.path.exists(os.path.join(run_dir, f))]
     if missing:
         raise DecafError(f"run directory {run_dir!r} lacks {', '.join(missing)}; it is not a (finished) decaf run.")

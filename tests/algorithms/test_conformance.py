@@ -106,7 +106,9 @@ def test_interface_declares_what_is_sent_trained_reported_and_needed(name, optio
 
 def test_decaf_and_dlora_send_the_same_bytes():
     shapes = ((8, 4096), (4096, 8))
-    assert algorithms.get("decaf").payload_numel(*shapes) == algorithms.get("dlora").payload_numel(*shapes) == 2 * 8 * 4096
+    assert (
+        algorithms.get("decaf").payload_numel(*shapes) == algorithms.get("dlora").payload_numel(*shapes) == 2 * 8 * 4096
+    )
     assert algorithms.get("dlora-fa").payload_numel(*shapes) == 8 * 4096
     assert algorithms.get("local").payload_numel(*shapes) == 0
 
@@ -161,7 +163,7 @@ def unsent_part_violations(algo, gen, rounds=range(12)) -> list[str]:
             outputs.append(algo.mix(A_in, B_in, rows, round_=t, self_index=list(range(N)), context=ctx))
         a, b = outputs
         if not (torch.equal(a.A, b.A) and torch.equal(a.B, b.B) and (a.E is None or torch.equal(a.E, b.E))):
-            unsent = sorted({'A', 'B'} - sent) + (['E'] if algo.corrects_base and 'E' not in sent else [])
+            unsent = sorted({"A", "B"} - sent) + (["E"] if algo.corrects_base and "E" not in sent else [])
             violations.append(f"round {t}: output depends on a part that was not sent ({unsent})")
     return violations
 
@@ -196,7 +198,10 @@ def test_the_unsent_part_check_catches_a_method_that_reads_what_was_not_sent(gen
             lambda: algorithms.get("decaf", splitt="balanced"),
             r"algorithm 'decaf' has no option splitt; its options are: gauge, method, skip_zero, split",
         ),
-        (lambda: algorithms.get("dlora", split="balanced"), r"algorithm 'dlora' has no option split; its options are: none"),
+        (
+            lambda: algorithms.get("dlora", split="balanced"),
+            r"algorithm 'dlora' has no option split; its options are: none",
+        ),
         (lambda: algorithms.get("decaf", split="half"), r"split='half' is not known"),
         (lambda: algorithms.get("decaf", gauge="spin"), r"gauge='spin' is not known"),
     ],

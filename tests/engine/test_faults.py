@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from test_simulation import cfg_for, digits_task
+from conftest import cfg_for, digits_task
 
 from decaf_lora.config import load_config
 from decaf_lora.engine import make_engine, run

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 import pytest
-from test_simulation import digits_task
+from conftest import digits_task
 
 from decaf_lora import algorithms
 from decaf_lora.engine import run

@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from test_simulation import cfg_for, digits_task
+from conftest import cfg_for, digits_task
 
 from decaf_lora.config import ConfigError, load_config
 from decaf_lora.engine import checkpoint, make_engine, resume, run

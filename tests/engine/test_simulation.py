@@ -6,36 +6,12 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import TinyMLP
+from conftest import TinyMLP, cfg_for, digits_task  # noqa: F401 - cfg_for and digits_task re-exported
 
 from decaf_lora.config import load_config
 from decaf_lora import algorithms
 from decaf_lora.engine import ROW_SCHEMA, make_engine, run
 from decaf_lora.engine.loop import OPTIONAL
-from decaf_lora.tasks import ModuleTask
-
-
-def digits_task(width=32):
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.data, dtype=torch.float32) / 16
-    return ModuleTask(lambda: TinyMLP(width), x[300:], d.target[300:], x[:300], d.target[:300], targets=["fc1", "fc2"])
-
-
-def cfg_for(tmp_path, **kw):
-    base = {
-        "agents": 4,
-        "rounds": 4,
-        "local_steps": 8,
-        "eval_every": 2,
-        "optim": {"lr": 1e-2},
-        "lora": {"rank": 2},
-        "out_dir": str(tmp_path),
-    }
-    for k, v in kw.items():
-        base[k] = v
-    return base
 
 
 @pytest.mark.parametrize("algo", algorithms.available())
@@ -76,7 +52,11 @@ def test_run_directory_holds_everything_and_nothing_half_written(tmp_path):
     assert len(part["histograms"]) == 4 and sum(part["train_sizes"]) + sum(part["local_eval_sizes"]) == 1497
     summary = json.load(open(os.path.join(res.run_dir, "summary.json")))
     assert summary["algorithm"] == "decaf" and summary["rounds"] == 4 and summary["state_after_mix"] == "reset"
-    assert load_config(os.path.join(res.run_dir, "config.yaml")).to_dict() == load_config(cfg_for(tmp_path)).to_dict()
+    recorded = load_config(os.path.join(res.run_dir, "config.yaml"))
+    assert recorded.task.kind == "module" and recorded.task.model == "TinyMLP (a Python ModuleTask)"  # what really ran
+    expected = load_config(cfg_for(tmp_path)).to_dict()
+    expected["task"].update(kind="module", model=recorded.task.model, dataset=recorded.task.dataset)
+    assert recorded.to_dict() == expected
 
 
 def test_same_config_and_seed_give_the_same_numbers(tmp_path):
@@ -121,7 +101,8 @@ def test_fedavg_reaches_consensus_and_local_does_not_communicate(tmp_path):
 
 
 def test_dlora_fa_never_changes_a(tmp_path):
-    sim = make_engine(load_config(cfg_for(tmp_path, algorithm="dlora-fa", rounds=2)), task=digits_task(), write=False, progress=False
+    sim = make_engine(
+        load_config(cfg_for(tmp_path, algorithm="dlora-fa", rounds=2)), task=digits_task(), write=False, progress=False
     )
     before = [A.clone() for A in sim.states.A]
     sim.run()
@@ -129,7 +110,8 @@ def test_dlora_fa_never_changes_a(tmp_path):
 
 
 def test_keep_policy_keeps_adam_state_and_reset_clears_it(tmp_path):
-    keep = make_engine(load_config(cfg_for(tmp_path, rounds=1, optim={"lr": 1e-2, "state_after_mix": "keep"})),
+    keep = make_engine(
+        load_config(cfg_for(tmp_path, rounds=1, optim={"lr": 1e-2, "state_after_mix": "keep"})),
         task=digits_task(),
         write=False,
         progress=False,
@@ -159,7 +141,8 @@ def test_one_shared_base_model_memory_grows_by_about_one_adapter_per_agent(tmp_p
     """Measured by tensor storage: base + N x (adapter + Adam state), never N x base."""
     sizes = {}
     for n in (1, 2, 4, 8):
-        sim = make_engine(load_config(cfg_for(tmp_path, agents=n, rounds=1, optim={"lr": 1e-2, "state_after_mix": "keep"})),
+        sim = make_engine(
+            load_config(cfg_for(tmp_path, agents=n, rounds=1, optim={"lr": 1e-2, "state_after_mix": "keep"})),
             task=digits_task(width=512),
             write=False,
             progress=False,
@@ -177,7 +160,9 @@ def test_one_shared_base_model_memory_grows_by_about_one_adapter_per_agent(tmp_p
 
 def test_link_failures_and_schedules_are_used(tmp_path):
     res = run(
-        cfg_for(tmp_path, agents=6, rounds=4, topology={"name": "complete", "schedule": "link-failures", "link_drop": 0.5}),
+        cfg_for(
+            tmp_path, agents=6, rounds=4, topology={"name": "complete", "schedule": "link-failures", "link_drop": 0.5}
+        ),
         task=digits_task(),
         write=False,
     )

@@ -181,7 +181,9 @@ class Algorithm(abc.ABC):
         return sum(sizes[p] for p in self.sends(round_) if p in sizes)
 
     @abc.abstractmethod
-    def mix(self, A: torch.Tensor, B: torch.Tensor, W, *, round_: int = 0, self_index=None, ranks=None, context=None) -> MixOutput:
+    def mix(
+        self, A: torch.Tensor, B: torch.Tensor, W, *, round_: int = 0, self_index=None, ranks=None, context=None
+    ) -> MixOutput:
         """Combine stacked factors with mixing weights; see the module docstring for shapes."""
 
     def options(self) -> dict:

@@ -42,21 +42,27 @@ def resolve_engine(cfg: RunConfig) -> str:
     """``simulation`` or ``distributed`` for this config in this process (``auto`` decided by how it was launched)."""
     world = launch_world_size()
     if cfg.engine == "distributed" and not launched_by_torchrun():
-        raise ConfigError([
-            f"engine=distributed must be launched by torchrun, e.g. `{TORCHRUN}`; without torchrun use engine=auto "
-            "(the default) or engine=simulation."
-        ])
+        raise ConfigError(
+            [
+                f"engine=distributed must be launched by torchrun, e.g. `{TORCHRUN}`; without torchrun use engine=auto "
+                "(the default) or engine=simulation."
+            ]
+        )
     if cfg.engine == "simulation" and world > 1:
-        raise ConfigError([
-            f"engine=simulation under torchrun with {world} processes would run {world} duplicate simulations; drop "
-            "engine=simulation (the default, engine=auto, runs one distributed job) or start it with python, not torchrun."
-        ])
+        raise ConfigError(
+            [
+                f"engine=simulation under torchrun with {world} processes would run {world} duplicate simulations; drop "
+                "engine=simulation (the default, engine=auto, runs one distributed job) or start it with python, not torchrun."
+            ]
+        )
     kind = cfg.engine if cfg.engine != "auto" else ("distributed" if world > 1 else "simulation")
     if kind == "simulation" and cfg.faults.slow_rank >= 0:
-        raise ConfigError([
-            f"faults.slow_rank={cfg.faults.slow_rank} delays a torchrun process; use it with engine=distributed under "
-            "torchrun, or set it to -1."
-        ])
+        raise ConfigError(
+            [
+                f"faults.slow_rank={cfg.faults.slow_rank} delays a torchrun process; use it with engine=distributed under "
+                "torchrun, or set it to -1."
+            ]
+        )
     return kind
 
 
@@ -81,7 +87,9 @@ def make_engine(
     """
     if resolve_engine(cfg) == "distributed":
         transport = join_process_group(cfg)
-        return DistributedEngine(build_run(cfg, task, algorithm), transport, run_dir=run_dir, progress=progress, resume=resume)
+        return DistributedEngine(
+            build_run(cfg, task, algorithm), transport, run_dir=run_dir, progress=progress, resume=resume
+        )
     if run_dir and not resume and os.path.isdir(run_dir) and os.listdir(run_dir):
         raise DecafError(f"run directory {run_dir!r} is not empty; give a new directory, or resume it with --resume.")
     engine = Simulation(build_run(cfg, task, algorithm), progress=progress)
@@ -140,12 +148,16 @@ def resume(run_dir: str, overrides=(), task=None, progress: bool = False, algori
     stored = load_config(config_path)
     wanted = load_config(stored.to_dict(), overrides)
     differ = [
-        f"{k}: {a!r} in the run, {b!r} now" for k, a, b in _diff(stored.to_dict(), wanted.to_dict()) if k not in PLACEMENT
+        f"{k}: {a!r} in the run, {b!r} now"
+        for k, a, b in _diff(stored.to_dict(), wanted.to_dict())
+        if k not in PLACEMENT
     ]
     if differ:
-        raise ConfigError([
-            f"cannot resume {run_dir!r} with a different config ({'; '.join(differ)}); drop those overrides or start a new run."
-        ])
+        raise ConfigError(
+            [
+                f"cannot resume {run_dir!r} with a different config ({'; '.join(differ)}); drop those overrides or start a new run."
+            ]
+        )
     if os.path.exists(os.path.join(run_dir, "summary.json")):
         summary = read_json(os.path.join(run_dir, "summary.json"))
         if not isinstance(summary, dict) or "final_accuracy" not in summary:

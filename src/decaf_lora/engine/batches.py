@@ -41,7 +41,9 @@ class BatchOrder:
     def load_state_dict(self, agent: int, order: np.ndarray, state: dict) -> None:
         order = np.asarray(order, dtype=np.int64)
         if not np.isin(order, self.train[agent]).all() or not 0 <= int(state["cursor"]) <= len(order):
-            raise DecafError(f"the saved batch order of agent {agent} does not fit its data; the checkpoint is not this run's.")
+            raise DecafError(
+                f"the saved batch order of agent {agent} does not fit its data; the checkpoint is not this run's."
+            )
         self.orders[agent] = order
         self.cursors[agent] = int(state["cursor"])
         self.rngs[agent].bit_generator.state = state["rng"]

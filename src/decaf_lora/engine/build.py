@@ -57,14 +57,20 @@ def build_run(cfg: RunConfig, task=None, algorithm: Algorithm | None = None) -> 
     device = resolve_device(cfg.device)
     if cfg.task.dtype == "float16" and device.type == "cpu":
         raise ConfigError(
-            ["task.dtype=float16 needs a GPU (CPU kernels for half precision are slow and lose the small updates); "
-             "use task.dtype=bfloat16 or float32 on CPU, or device=cuda."]
+            [
+                "task.dtype=float16 needs a GPU (CPU kernels for half precision are slow and lose the small updates); "
+                "use task.dtype=bfloat16 or float32 on CPU, or device=cuda."
+            ]
         )
     from ..tasks import build_task
 
+    if task is not None:  # record what the run really is: a Python task is not the config's default text task
+        for key, value in task.config_fields().items():
+            setattr(cfg.task, key, value)
     task = task if task is not None else build_task(cfg)
     keys = task.examples.extra.get("key")
-    split = split_data(task.labels, cfg, keys, getattr(task, "test_indices", None))
+    test = getattr(task, "test_indices", None)
+    split = split_data(task.labels, cfg, keys, test, task.default_train_examples)
     task.prepare(np.concatenate([split.test, *split.train, *split.local_eval]))
     topology = Topology.build(cfg.topology.name, cfg.agents, mixing=cfg.topology.mixing, **cfg.topology.params)
     schedule = topology.schedule(cfg.topology.schedule, seed=cfg.seed, p=cfg.topology.link_drop)
@@ -79,6 +85,7 @@ def build_run(cfg: RunConfig, task=None, algorithm: Algorithm | None = None) -> 
 
     torch.manual_seed(cfg.seed)
     base = task.build_model(seed=cfg.seed)
+    task.check_model(base)
     for p in base.parameters():
         p.requires_grad_(False)
     targets = cfg.lora.targets or list(task.default_targets)
@@ -91,7 +98,5 @@ def build_run(cfg: RunConfig, task=None, algorithm: Algorithm | None = None) -> 
     states = AgentStates(model, cfg.agents, ranks=cfg.agent_ranks(), base_correction=algorithm.corrects_base)
     run = Run(cfg, device, task, split, topology, network, algorithm, model, states)
     ranks = cfg.agent_ranks()
-    algorithm.setup(
-        RunFacts(cfg.agents, network, tuple(ranks) if ranks else None, run.layers, cfg.seed)
-    )
+    algorithm.setup(RunFacts(cfg.agents, network, tuple(ranks) if ranks else None, run.layers, cfg.seed))
     return run

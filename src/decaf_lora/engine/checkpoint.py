@@ -75,7 +75,9 @@ class Shard:
         return [int(a) for a in self.meta.get("agents", [])]
 
 
-def save_shard(run_dir: str, round_: int, rank: int, world: int, agents: dict[int, tuple[dict, dict]], shared: dict) -> str:
+def save_shard(
+    run_dir: str, round_: int, rank: int, world: int, agents: dict[int, tuple[dict, dict]], shared: dict
+) -> str:
     """Write one process's shard for ``round_`` atomically, then drop its own shards older than the previous round.
 
     ``agents``: agent -> (tensors, small JSON-able state); ``shared``: metadata common to the round (run identity,
@@ -140,7 +142,9 @@ def load_shard(shard: Shard) -> dict[str, torch.Tensor]:
     except Exception as exc:  # noqa: BLE001
         raise DecafError(f"checkpoint {shard.path!r} cannot be read ({type(exc).__name__}).") from None
     if tensors_digest(tensors) != shard.meta.get("tensors_sha256"):
-        raise DecafError(f"checkpoint {shard.path!r} is damaged: its tensors do not match the digest it was written with.")
+        raise DecafError(
+            f"checkpoint {shard.path!r} is damaged: its tensors do not match the digest it was written with."
+        )
     return tensors
 
 

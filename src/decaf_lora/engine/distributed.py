@@ -79,12 +79,16 @@ def join_process_group(cfg: RunConfig) -> Transport:
         device = torch.device(cfg.device)
     rank, world = dist.get_rank(), dist.get_world_size()
     if world > cfg.agents:
-        raise ConfigError([f"torchrun started {world} processes but agents={cfg.agents}; use at most one process per agent."])
+        raise ConfigError(
+            [f"torchrun started {world} processes but agents={cfg.agents}; use at most one process per agent."]
+        )
     return Transport(dist.PrefixStore("exchange", store), rank, world, device, cfg.faults.timeout)
 
 
 class DistributedEngine(Engine):
-    def __init__(self, run: Run, transport: Transport, *, run_dir: str | None = None, progress: bool = True, resume: bool = False):
+    def __init__(
+        self, run: Run, transport: Transport, *, run_dir: str | None = None, progress: bool = True, resume: bool = False
+    ):
         self.transport = transport
         self.rank, self.world = transport.rank, transport.world
         self.blocks = np.array_split(np.arange(run.cfg.agents), self.world)
@@ -116,11 +120,13 @@ class DistributedEngine(Engine):
         restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
         if not run_id or run_id == "none":
             if restarted:
-                return {"error": (
-                    "this is a restart of a torchrun job without a run id, so it cannot prove which run directory is "
-                    "its own; launch with --rdzv-id NAME (or --standalone), or resume explicitly with "
-                    "`torchrun ... -m decaf_lora run --resume RUN_DIR`."
-                )}
+                return {
+                    "error": (
+                        "this is a restart of a torchrun job without a run id, so it cannot prove which run directory is "
+                        "its own; launch with --rdzv-id NAME (or --standalone), or resume explicitly with "
+                        "`torchrun ... -m decaf_lora run --resume RUN_DIR`."
+                    )
+                }
             return {"path": new_run_dir(cfg.out_dir, cfg.name, self.algorithm.name, cfg.seed), "resume": False}
         path = os.path.join(cfg.out_dir, f"{cfg.name}-{self.algorithm.name}-s{cfg.seed}-{run_id}")
         if not os.path.isdir(path):
@@ -129,10 +135,12 @@ class DistributedEngine(Engine):
         identity = read_identity(path)
         digest = hashlib.sha256(dump_config(cfg).encode("utf-8")).hexdigest()
         if identity is None or identity.get("torchelastic_run_id") != run_id or identity["config_sha256"] != digest:
-            return {"error": (
-                f"{path!r} already holds another experiment (a different config or run id); give this job another "
-                "--rdzv-id, or another name=."
-            )}
+            return {
+                "error": (
+                    f"{path!r} already holds another experiment (a different config or run id); give this job another "
+                    "--rdzv-id, or another name=."
+                )
+            }
         return {"path": path, "resume": True}
 
     # ----------------------------------------------------------------------------------------- hooks
@@ -164,8 +172,12 @@ class DistributedEngine(Engine):
         """Each own agent's payload to every process holding one of its receivers this round, and back."""
         ex, own, W = Exchange(), set(self.own), plan.W
         max_norm = self.cfg.faults.max_norm
-        plan_send = sorted({(j, int(self.owner[i])) for j in own for i in plan.receivers(j) if self.owner[i] != self.rank})
-        plan_recv = sorted({(int(j), int(self.owner[j])) for i in own for j in np.nonzero(W[i])[0] if self.owner[j] != self.rank})
+        plan_send = sorted(
+            {(j, int(self.owner[i])) for j in own for i in plan.receivers(j) if self.owner[i] != self.rank}
+        )
+        plan_recv = sorted(
+            {(int(j), int(self.owner[j])) for i in own for j in np.nonzero(W[i])[0] if self.owner[j] != self.rank}
+        )
         late = self.transport.late_peers(round_, {q for _, q in plan_send} | {q for _, q in plan_recv})
         for j, q in plan_recv:
             if q in late:  # the round goes on without it; its payload would arrive after we mixed
@@ -237,7 +249,9 @@ class DistributedEngine(Engine):
         """All processes' rows, as JSON (nothing from a peer is unpickled); a rejection is detected by the receiver,
         so the reason travels along and the sender's row reports it too."""
         out, why = [], {}
-        for part in self.transport.gather_json({"rows": rows, "reasons": {str(j): r for j, r in faults.reasons.items()}}):
+        for part in self.transport.gather_json(
+            {"rows": rows, "reasons": {str(j): r for j, r in faults.reasons.items()}}
+        ):
             out += part["rows"]
             why.update(part["reasons"])
         for row in out:

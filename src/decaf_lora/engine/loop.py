@@ -92,7 +92,9 @@ class Exchange:
     received_bytes: dict[int, int] = field(default_factory=dict)
 
 
-def reduce_stats(total: dict[str, torch.Tensor], stats: dict[str, torch.Tensor], rules: dict[str, str], who: str) -> None:
+def reduce_stats(
+    total: dict[str, torch.Tensor], stats: dict[str, torch.Tensor], rules: dict[str, str], who: str
+) -> None:
     """Fold one layer's per-agent statistics into the round's totals by each statistic's declared reduction."""
     for key, value in stats.items():
         rule = rules.get(key)
@@ -204,12 +206,16 @@ class Engine:
     def load_agent_state(self, agent: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         adapter = {k[len("adapter/") :]: v for k, v in tensors.items() if k.startswith("adapter/")}
         self.states.load_state_dict(adapter, agents=[agent])
-        self.training.load_state_dict(agent, {k[len("train/") :]: v for k, v in tensors.items() if k.startswith("train/")}, meta)
+        self.training.load_state_dict(
+            agent, {k[len("train/") :]: v for k, v in tensors.items() if k.startswith("train/")}, meta
+        )
         for l, state in enumerate(self.algo_state):
             for k, v in state.items():
                 key = f"algo/{l}/{k}"
                 if key not in tensors or tuple(tensors[key].shape) != tuple(v[agent].shape):
-                    raise DecafError(f"the checkpoint lacks the algorithm state {key!r} of agent {agent}; it is not this run's.")
+                    raise DecafError(
+                        f"the checkpoint lacks the algorithm state {key!r} of agent {agent}; it is not this run's."
+                    )
                 v[agent] = tensors[key].to(v.dtype).to(v.device)
 
     def save_checkpoint(self, rounds_done: int, elapsed: float) -> None:
@@ -327,7 +333,9 @@ class Engine:
         """The declared schema, with strict JSON values (a non-finite number becomes null)."""
         unknown = set(row) - set(ROW_SCHEMA) - set(self.algorithm.stats)
         if unknown:
-            raise DecafError(f"metrics row has undeclared columns {sorted(unknown)}; declare them in ROW_SCHEMA or stats.")
+            raise DecafError(
+                f"metrics row has undeclared columns {sorted(unknown)}; declare them in ROW_SCHEMA or stats."
+            )
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
 
     def _own_factors(self) -> dict[str, list[torch.Tensor]]:
@@ -369,8 +377,15 @@ class Engine:
         return [torch.stack(x) for x in out]
 
     @torch.no_grad()
-    def mix_own(self, t: int, W: np.ndarray, received: dict[int, list[torch.Tensor]], spec: PayloadSpec,
-                start=None, activations=None) -> dict[str, dict[int, float]]:
+    def mix_own(
+        self,
+        t: int,
+        W: np.ndarray,
+        received: dict[int, list[torch.Tensor]],
+        spec: PayloadSpec,
+        start=None,
+        activations=None,
+    ) -> dict[str, dict[int, float]]:
         """Mix every own agent, layer by layer, with its own factors and the payloads it received.
 
         The stacked inputs are the own agents (their true current state) followed by every received sender (the
@@ -413,8 +428,15 @@ class Engine:
                 state={k: v[own_t] for k, v in self.algo_state[l].items()},
             )
             ranks = st.ranks[l][own_t] if self.heterogeneous else None
-            out = algo.mix(stacked("A", l, st.A[l][own_t]), stacked("B", l, st.B[l][own_t]), rows, round_=t,
-                           self_index=self_index, ranks=ranks, context=ctx)
+            out = algo.mix(
+                stacked("A", l, st.A[l][own_t]),
+                stacked("B", l, st.B[l][own_t]),
+                rows,
+                round_=t,
+                self_index=self_index,
+                ranks=ranks,
+                context=ctx,
+            )
             if out.ranks is not None:
                 st.ranks[l][own_t] = out.ranks.to(st.ranks[l].dtype).cpu()
             st.A[l][own_t] = out.A.to(st.A[l].dtype)
@@ -495,7 +517,9 @@ class Engine:
         tensors = self.states.state_dict()
         bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:
-            raise DecafError(f"the final adapters hold NaN or infinite values ({bad[0]}); the run diverged, lower optim.lr.")
+            raise DecafError(
+                f"the final adapters hold NaN or infinite values ({bad[0]}); the run diverged, lower optim.lr."
+            )
         meta = {"format": "decaf-lora agents x factors", "run_id": self.identity["run_id"]}
         save_tensors(adapters, tensors, {**meta, "tensors_sha256": checkpoint.tensors_digest(tensors)})
         write_json(os.path.join(self.run_dir, "summary.json"), summary)
@@ -514,8 +538,10 @@ class Engine:
                 "no summary can be computed from them."
             )
         warnings = []
-        losses = {r: [m["train_loss"] for m in self.metrics if m["round"] == r and m["train_loss"] is not None]
-                  for r in (1, cfg.rounds)}
+        losses = {
+            r: [m["train_loss"] for m in self.metrics if m["round"] == r and m["train_loss"] is not None]
+            for r in (1, cfg.rounds)
+        }
         if losses[1] and losses[cfg.rounds] and np.mean(losses[cfg.rounds]) > 10 * max(np.mean(losses[1]), 1e-12):
             warnings.append(
                 f"the training loss blew up: {np.mean(losses[cfg.rounds]):.4g} in the last round against "

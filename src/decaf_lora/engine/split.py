@@ -27,9 +27,14 @@ class DataSplit:
 
 
 def split_data(
-    labels: np.ndarray, cfg: RunConfig, keys: np.ndarray | None = None, test: np.ndarray | None = None
+    labels: np.ndarray,
+    cfg: RunConfig,
+    keys: np.ndarray | None = None,
+    test: np.ndarray | None = None,
+    default_train: int = 0,
 ) -> DataSplit:
-    """``test``: a fixed shared test set (a user's own); otherwise ``task.test_examples`` drawn at random."""
+    """``test``: a fixed shared test set (a user's own); otherwise ``task.test_examples`` drawn at random.
+    ``default_train``: examples drawn when ``task.train_examples`` is -1 (0 = all)."""
     n = len(labels)
     rng = np.random.default_rng([cfg.split_seed, 17])
     if test is not None:
@@ -47,8 +52,10 @@ def split_data(
         per_class = cfg.task.shots * cfg.agents
         picked = [pool[labels[pool] == c][:per_class] for c in np.unique(labels[pool])]
         pool = rng.permutation(np.concatenate(picked))
-    elif cfg.task.train_examples and cfg.task.train_examples < len(pool):
-        pool = pool[: cfg.task.train_examples]
+    else:
+        wanted = default_train if cfg.task.train_examples < 0 else cfg.task.train_examples
+        if wanted and wanted < len(pool):
+            pool = pool[:wanted]
     if cfg.agents > len(pool):
         raise ConfigError(
             [

@@ -43,7 +43,9 @@ class LocalTraining:
         self.cfg, self.task, self.model, self.states, self.device = cfg, task, model, states, device
         params = states.parameters()
         opt = cfg.optim
-        self.optimizers = [torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay) for _ in range(cfg.agents)]
+        self.optimizers = [
+            torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay) for _ in range(cfg.agents)
+        ]
         self.batches = BatchOrder(train_split, cfg.task.batch_size, cfg.seed)
         self.total_steps = cfg.rounds * cfg.local_steps
 
@@ -102,7 +104,9 @@ class LocalTraining:
             if k.startswith("opt/"):
                 idx, key = k[len("opt/") :].split("/", 1)
                 if not idx.isdigit() or int(idx) >= n_params:
-                    raise DecafError(f"the saved optimizer state of agent {agent} names parameter {idx}; it is not this run's.")
+                    raise DecafError(
+                        f"the saved optimizer state of agent {agent} names parameter {idx}; it is not this run's."
+                    )
                 state.setdefault(int(idx), {})[key] = v if key == "step" else v.to(self.device)
         try:
             self.optimizers[agent].load_state_dict({"state": state, "param_groups": meta["param_groups"]})

@@ -23,7 +23,10 @@ __all__ = ["Task", "TextClassification", "ClipFewShot", "CausalLM", "ModuleTask"
 def _text(cfg: RunConfig) -> Task:
     t = cfg.task
     ex = _examples(cfg, "text")
-    return TextClassification(ex, t.model, t.max_length, dtype=t.dtype)
+    task = TextClassification(ex, t.model, t.max_length, dtype=t.dtype)
+    if t.dataset == "tweets":
+        task.default_train_examples = TWEETS_TRAIN_EXAMPLES
+    return task
 
 
 def _clip(cfg: RunConfig) -> Task:
@@ -46,7 +49,20 @@ def _examples(cfg: RunConfig, kind: str):
     return ex
 
 
+def _module(cfg: RunConfig) -> Task:
+    raise ConfigError(
+        [
+            "task.kind=module is a Python ModuleTask that only its own code can build; pass it as task= (decaf_lora.run, "
+            "resume or export_adapter), or use task.kind=text, clip or causal-lm."
+        ]
+    )
+
+
+#: The demo's default draw from the 38k built-in tweets (all of them would take hours on a laptop CPU).
+TWEETS_TRAIN_EXAMPLES = 6000
+
 TASKS.register(_text, name="text")
+TASKS.register(_module, name="module")
 TASKS.register(_clip, name="clip")
 TASKS.register(_causal_lm, name="causal-lm")
 

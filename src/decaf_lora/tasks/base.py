@@ -26,6 +26,8 @@ class Task(abc.ABC):
     head_modules: tuple[str, ...] = ()
     #: where the base weights come from (written into exported adapters); None for random models
     model_path: str | None = None
+    #: training examples drawn when ``task.train_examples`` is -1 (0 = all of them)
+    default_train_examples: int = 0
 
     examples: Examples
 
@@ -37,8 +39,15 @@ class Task(abc.ABC):
     def build_model(self, seed: int = 0) -> nn.Module:
         """A fresh base model (no LoRA yet). Deterministic for a seed, so exports rebuild the same head init."""
 
-    def prepare(self, indices: Sequence[int]) -> None:
+    def prepare(self, indices: Sequence[int]) -> None:  # noqa: B027 - optional hook, a no-op for most tasks
         """Pre-encode the examples that will be used (tokenization, ...). Called once, before training."""
+
+    def config_fields(self) -> dict:
+        """What this task is, for the run's config.yaml, when the config alone does not say it (a Python task)."""
+        return {}
+
+    def check_model(self, model: nn.Module) -> None:  # noqa: B027 - optional hook
+        """Refuse, in one sentence, a model that cannot train on this task's data (called before anything is written)."""
 
     @abc.abstractmethod
     def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:

@@ -169,8 +169,10 @@ def _parse_edge_file(path: str) -> list[tuple[int, int]]:
     if not os.path.isfile(path):
         raise TopologyError(f"edges={path!r} is not a readable file; give a text file with one 'i j' pair per line.")
     if os.path.getsize(path) > MAX_EDGE_FILE_BYTES:
-        raise TopologyError(f"edges file {path!r} is larger than {MAX_EDGE_FILE_BYTES >> 20} MiB; an edge list of "
-                            f"{MAX_AGENTS} agents fits well below that, so it is not an edge list.")
+        raise TopologyError(
+            f"edges file {path!r} is larger than {MAX_EDGE_FILE_BYTES >> 20} MiB; an edge list of "
+            f"{MAX_AGENTS} agents fits well below that, so it is not an edge list."
+        )
     pairs = []
     try:
         with open(path, encoding="utf-8") as fh:
@@ -178,8 +180,10 @@ def _parse_edge_file(path: str) -> list[tuple[int, int]]:
             while raw := fh.readline(MAX_LINE_CHARS + 1):
                 lineno += 1
                 if len(raw) > MAX_LINE_CHARS and not raw.endswith("\n"):
-                    raise TopologyError(f"edges file {path!r} line {lineno} is longer than {MAX_LINE_CHARS} characters; "
-                                        "each line must be two agent ids like '0 1'.")
+                    raise TopologyError(
+                        f"edges file {path!r} line {lineno} is longer than {MAX_LINE_CHARS} characters; "
+                        "each line must be two agent ids like '0 1'."
+                    )
                 line = raw.split("#", 1)[0].replace(",", " ").strip()
                 if not line:
                     continue
