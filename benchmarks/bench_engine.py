@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"memory (one adapter is {mem[0]['adapter_mb']:.2f} MB; the peak includes loading the data and the model):")
     for m in mem:
         print(
-            f"  {m['agents']:>2} agents: peak RSS {m['peak_rss_mb']:.0f} MB ({m['peak_rss_mb'] / base:.3f}x), RSS after a round {m['rss_after_round_mb']:.0f} MB ({m['rss_after_round_mb'] / now:.3f}x)"
+            f"  {m['agents']:>2} agents: peak RSS {m['peak_rss_mb']:.0f} MB ({m['peak_rss_mb'] / base:.3f}x), RSS "
+            f"after a round {m['rss_after_round_mb']:.0f} MB ({m['rss_after_round_mb'] / now:.3f}x)"
         )
     if len(mem) == 3:
         print(f"  16 agents / 1 agent, peak RSS     {mem[2]['peak_rss_mb'] / base:.3f}   (target <= 1.3)")

@@ -7,8 +7,8 @@ importable on their own: :mod:`decaf_lora.topology` (graphs, mixing matrices, sc
 """
 
 from . import algorithms, lowrank, partition, topology
-from .config import ConfigError, RunConfig, load_config
 from .compare import compare
+from .config import ConfigError, RunConfig, load_config
 from .engine import RunResult, make_engine, resume, run
 from .errors import DecafError
 from .lowrank import split_factors, truncated_svd_of_sum
@@ -31,6 +31,7 @@ __all__ = [
     "make_engine",
     "compare",
     "Topology",
+    "one_agent_per_process",
     "Partition",
     "make_partition",
     "truncated_svd_of_sum",

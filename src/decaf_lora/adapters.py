@@ -23,13 +23,38 @@ ADAPTER = "default"
 
 @dataclass
 class AdaptedLayer:
-    """One LoRA-adapted linear map: ``W0 + scale * B A`` (+ a per-agent dense correction ``E`` where a method adds one)."""
+    """One LoRA-adapted linear map: ``W0 + scale * B A`` (plus a per-agent dense correction ``E`` where one applies)."""
 
     name: str
     A: nn.Parameter  # (r, k)
     B: nn.Parameter  # (d, r)
     scale: float
     module: nn.Module | None = None  # the PEFT LoRA layer (its base_layer is the frozen linear map)
+
+
+def target_problems(model: nn.Module, targets: Iterable[str], rank: int) -> list[str]:
+    """Every problem of ``lora.targets`` and ``lora.rank`` on this model, one sentence each (works on a model built on
+    the meta device, so a large model's structure can be checked before its weights are loaded)."""
+    targets = list(targets)
+    names = [n for n, _ in model.named_modules()]
+    leaf = {n.rsplit(".", 1)[-1] for n in names}
+    problems = []
+    unknown = [t for t in targets if t not in leaf and not any(n.endswith("." + t) or n == t for n in names)]
+    if unknown:
+        examples = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        problems.append(
+            f"lora.targets={unknown} matches no module of {type(model).__name__}; its linear layers include: "
+            f"{', '.join(examples[:12])}."
+        )
+    for n, m in model.named_modules():
+        hit = any(n == t or n.endswith("." + t) for t in targets)
+        if hit and isinstance(m, nn.Linear) and rank > min(m.in_features, m.out_features):
+            problems.append(
+                f"lora.rank={rank} exceeds the size of {n} ({m.out_features} x {m.in_features}); use lora.rank <= "
+                f"{min(m.in_features, m.out_features)}."
+            )
+            break
+    return problems
 
 
 def attach_lora(
@@ -46,27 +71,10 @@ def attach_lora(
     import peft
 
     targets = list(targets)
-    names = [n for n, _ in model.named_modules()]
-    leaf = {n.rsplit(".", 1)[-1] for n in names}
-    unknown = [t for t in targets if t not in leaf and not any(n.endswith("." + t) or n == t for n in names)]
-    if unknown:
-        examples = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ConfigError(
-            [
-                f"lora.targets={unknown} matches no module of {type(model).__name__}; its linear layers include: {', '.join(examples[:12])}."
-            ]
-        )
-    for n, m in model.named_modules():
-        if (
-            any(n == t or n.endswith("." + t) for t in targets)
-            and isinstance(m, nn.Linear)
-            and rank > min(m.in_features, m.out_features)
-        ):
-            raise ConfigError(
-                [
-                    f"lora.rank={rank} exceeds the size of {n} ({m.out_features} x {m.in_features}); use lora.rank <= {min(m.in_features, m.out_features)}."
-                ]
-            )
+    problems = target_problems(model, targets, rank)
+    if problems:
+        raise ConfigError(problems)
+    leaf = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     save = [m for m in modules_to_save if m in leaf]
     cfg = peft.LoraConfig(
         r=rank,

@@ -9,8 +9,8 @@ import sys
 import click
 import numpy as np
 
-from .errors import DecafError
 from .config import MAX_AGENTS
+from .errors import DecafError
 from .topology import GRAPHS, RULES, Topology
 
 MAX_PRINTED_AGENTS = 20
@@ -59,7 +59,8 @@ def main() -> None:
 def format_topology(summary: dict) -> str:
     d = summary["degree"]
     lines = [
-        f"topology: {summary['topology']}  ({summary['agents']} agents, {summary['edges']} edges, mixing: {summary['mixing']})",
+        f"topology: {summary['topology']}  ({summary['agents']} agents, {summary['edges']} edges, mixing: "
+        f"{summary['mixing']})",
         f"degree: min {d['min']}, mean {d['mean']:.2f}, max {d['max']}",
         f"|lambda_2| = {summary['second_eigenvalue']:.4f}    spectral gap = {summary['spectral_gap']:.4f}",
     ]

@@ -137,7 +137,8 @@ class TaskConfig:
     kind: str = option("text", "what to learn", choices=TASKS)
     model: str = option(
         "minilm",
-        "base model: minilm (pip-shipped all-MiniLM-L6-v2; for causal-lm it means random-tiny-llama), random-tiny-clip, "
+        "base model: minilm (pip-shipped all-MiniLM-L6-v2; for causal-lm it means random-tiny-llama), "
+        "random-tiny-clip, "
         "random-tiny-llama, a local directory or a hub name",
     )
     dataset: str = option(

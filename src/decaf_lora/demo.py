@@ -39,13 +39,15 @@ def run_core_demo(agents: int = 10, rank: int = 4, dim: int = 256, seed: int = 0
     B0 = torch.randn(agents, dim, rank, generator=g, dtype=torch.float64)
     methods = {name: algorithms.get(name) for name in ("dlora", "decaf")}
     lines = [
-        f"decaf-lora core demo: {agents} agents, random rank-{rank} LoRA factors of a {dim} x {dim} layer (seed {seed}).",
+        f"decaf-lora core demo: {agents} agents, random rank-{rank} LoRA factors of a {dim} x {dim} layer (seed "
+        f"{seed}).",
         "One round: relative error of each method's new product against the exact mixed product sum_j pi_ij B_j A_j",
         f"(DeCAF's is the optimal rank-{rank} truncation; DLoRA's adds the cross terms of averaging factors).",
         f"Then {rounds} rounds of pure gossip (no training): relative distance of each agent's product to the best",
         f"rank-{rank} approximation of the network's average product, the agreement a server would compute.",
         "",
-        f"{'topology':<10} {'|lambda_2|':>10} {'dlora err':>10} {'decaf err':>10} {'start':>8} {'dlora':>8} {'decaf':>8} {'decaf ms/round':>15}",
+        f"{'topology':<10} {'|lambda_2|':>10} {'dlora err':>10} {'decaf err':>10} {'start':>8} {'dlora':>8} "
+        f"{'decaf':>8} {'decaf ms/round':>15}",
     ]
     for name in TOPOLOGIES:
         topo = Topology.build(name, agents)
@@ -65,7 +67,8 @@ def run_core_demo(agents: int = 10, rank: int = 4, dim: int = 256, seed: int = 0
             dists[key] = distance_to_target(A, B, best)
         lines.append(
             f"{name:<10} {topo.second_eigenvalue:>10.3f} {errs['dlora']:>10.3f} {errs['decaf']:>10.3f} "
-            f"{distance_to_target(A0, B0, best):>8.2f} {dists['dlora']:>8.3f} {dists['decaf']:>8.3f} {1000 * elapsed / rounds:>15.2f}"
+            f"{distance_to_target(A0, B0, best):>8.2f} {dists['dlora']:>8.3f} {dists['decaf']:>8.3f} "
+            f"{1000 * elapsed / rounds:>15.2f}"
         )
     lines += ["", "Try: decaf topology ring --agents 10   |   decaf topology bipartite --agents 10 --json"]
     return "\n".join(lines)

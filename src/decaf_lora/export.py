@@ -25,7 +25,7 @@ import torch
 from .adapters import ADAPTER, adapted_layers, agent_state, consensus_state, head_parameters
 from .config import load_config
 from .errors import DecafError
-from .rundir import check_run_dir, file_digest, load_tensors, read_identity, write_json
+from .rundir import FILE_MODE, check_run_dir, file_digest, load_tensors, read_identity, write_json
 
 MARKER = "decaf_export.json"
 EXPORT_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md", MARKER}
@@ -184,6 +184,8 @@ def _move_into_place(model, out_dir: str, marker: dict, overwrite: bool) -> str:
         with open(os.path.join(tmp, "adapter_config.json"), encoding="utf-8") as fh:
             json.load(fh)  # sanity: PEFT wrote a readable config
         write_json(os.path.join(tmp, MARKER), marker)
+        for name in os.listdir(tmp):  # ordinary permissions, whatever the writers of PEFT's files chose
+            os.chmod(os.path.join(tmp, name), FILE_MODE)
         os.chmod(tmp, 0o777 & ~_umask())
         if os.path.isdir(target) and os.listdir(target):  # a previous export, checked by check_out_dir
             old = tempfile.mkdtemp(dir=parent, prefix=".export-old-")
@@ -203,6 +205,4 @@ def _move_into_place(model, out_dir: str, marker: dict, overwrite: bool) -> str:
 
 
 def _umask() -> int:
-    from .rundir import FILE_MODE
-
     return 0o666 & ~FILE_MODE

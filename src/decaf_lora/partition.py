@@ -90,7 +90,8 @@ def dirichlet(
         or min_size * n_agents > y.size
     ):
         raise PartitionError(
-            f"min_size={min_size!r} is invalid for {y.size} examples over {n_agents} agents; use 0..{y.size // n_agents}."
+            f"min_size={min_size!r} is invalid for {y.size} examples over {n_agents} agents; use "
+            f"0..{y.size // n_agents}."
         )
     rng = np.random.default_rng([seed, 1])
     by_class = [rng.permutation(np.nonzero(y == k)[0]) for k in range(c)]
@@ -107,7 +108,8 @@ def dirichlet(
         if min(len(p) for p in merged) >= min_size:
             return _finish("dirichlet", merged, y, c, rng)
     raise PartitionError(
-        f"dirichlet with alpha={alpha} gave some agent fewer than min_size={min_size} examples in {max_tries} draws; raise alpha or lower min_size."
+        f"dirichlet with alpha={alpha} gave some agent fewer than min_size={min_size} examples in {max_tries} draws; "
+        "raise alpha or lower min_size."
     )
 
 
@@ -139,7 +141,8 @@ def shards(labels, n_agents: int, shards_per_agent: int = 2, seed: int = 0) -> P
     k = shards_per_agent
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 or n_agents * k > y.size:
         raise PartitionError(
-            f"shards_per_agent={k!r} is invalid for {y.size} examples over {n_agents} agents; use 1..{y.size // n_agents}."
+            f"shards_per_agent={k!r} is invalid for {y.size} examples over {n_agents} agents; use "
+            f"1..{y.size // n_agents}."
         )
     rng = np.random.default_rng([seed, 3])
     shuffled = rng.permutation(y.size)
@@ -165,7 +168,8 @@ def natural(labels, n_agents: int, keys, seed: int = 0) -> Partition:
     uniq, inverse = np.unique(keys, return_inverse=True)
     if len(uniq) < n_agents:
         raise PartitionError(
-            f"the key column has {len(uniq)} distinct values but agents={n_agents}; use at most {len(uniq)} agents or another scheme."
+            f"the key column has {len(uniq)} distinct values but agents={n_agents}; use at most {len(uniq)} agents or "
+            "another scheme."
         )
     rng = np.random.default_rng([seed, 4])
     counts = np.bincount(inverse)

@@ -20,10 +20,29 @@ def _plt():
 
 
 def _save(fig, path: str) -> None:
-    """Render to a temporary file and rename, like every other output."""
-    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    """Render to a temporary file of its own and rename, like every other output: two reports of one run at once
+    never write into the same temporary file, and the plot gets the permissions of any file the user creates."""
+    import tempfile
+
+    from .rundir import FILE_MODE
+
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix="." + os.path.basename(path) + ".", suffix=".tmp.png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _rounds_axis(ax) -> None:
+    """Rounds are whole numbers: no 2.5 on the axis."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def per_round(metrics: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -34,6 +53,18 @@ def per_round(metrics: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
             by_round[m["round"]].append(m[key])
     rounds = np.array(sorted(by_round))
     return rounds, np.array([by_round[r] for r in rounds])
+
+
+def per_round_spread(metrics: list[dict], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Rounds where ``key`` was logged and its mean, min and max over the agents that logged it (absent agents log
+    no training loss, so rounds may have different numbers of values)."""
+    by_round: dict[int, list[float]] = defaultdict(list)
+    for m in metrics:
+        if m.get(key) is not None:
+            by_round[m["round"]].append(m[key])
+    rounds = np.array(sorted(by_round))
+    values = [np.array(by_round[r], dtype=float) for r in rounds]
+    return rounds, *(np.array([f(v) for v in values]) for f in (np.mean, np.min, np.max))
 
 
 def plot_run(run_dir: str) -> list[str]:
@@ -48,7 +79,7 @@ def plot_run(run_dir: str) -> list[str]:
     os.makedirs(plots, exist_ok=True)
     written = []
 
-    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.8), layout="constrained")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8), layout="constrained")
     r, acc = per_round(metrics, "eval_accuracy")
     if len(r):
         axes[0].plot(r, acc.mean(1), marker="o", label="mean over agents")
@@ -57,15 +88,23 @@ def plot_run(run_dir: str) -> list[str]:
             axes[0].axhline(summary["majority_rate"], color="grey", ls="--", lw=1, label="majority class")
         axes[0].set(xlabel="round", ylabel="test accuracy", title="shared test set")
         axes[0].legend(fontsize=8)
+    r, mean, lo, hi = per_round_spread(metrics, "train_loss")
+    if len(r):
+        axes[1].plot(r, mean, marker="o", label="mean over agents")
+        axes[1].fill_between(r, lo, hi, alpha=0.25, label="min-max")
+        axes[1].set(xlabel="round", ylabel="training loss", title="local training loss (mean of the round's steps)")
+        axes[1].legend(fontsize=8)
     r, cd = per_round(metrics, "consensus_distance")
     if len(r):
-        axes[1].plot(r, np.maximum(cd.mean(1), 1e-12))
-        axes[1].set(
+        axes[2].plot(r, np.maximum(cd.mean(1), 1e-12), marker="o")
+        axes[2].set(
             xlabel="round",
             ylabel="mean over agents",
             title="consensus distance: sum over layers of ||s B A - mean||_F",
             yscale="log",
         )
+    for ax in axes:
+        _rounds_axis(ax)
     fig.suptitle(f"{summary.get('algorithm', '')} on {summary.get('topology', '')}, {summary.get('agents', '')} agents")
     path = os.path.join(plots, "training.png")
     _save(fig, path)
@@ -100,7 +139,8 @@ def run_table(run_dir: str) -> str:
         f"# {summary['name']}: {summary['algorithm']}",
         "",
         f"{summary['agents']} agents, {summary['topology']} topology (spectral gap {summary['spectral_gap']:.3f}), "
-        f"{summary['partition']} partition, {summary['rounds']} rounds x {summary['local_steps']} local steps, seed {summary['seed']}, "
+        f"{summary['partition']} partition, {summary['rounds']} rounds x {summary['local_steps']} local steps, seed "
+        f"{summary['seed']}, "
         f"optimizer state after mixing: {summary['state_after_mix']}.",
         "",
         "| metric | value |",
@@ -120,7 +160,8 @@ def run_table(run_dir: str) -> str:
         local = m.get("local_accuracy")
         loss = m.get("train_loss")
         lines.append(
-            f"| {m['agent']} | {m['eval_accuracy']:.4f} | {'-' if local is None else f'{local:.4f}'} | {m['consensus_distance']:.4g} | "
+            f"| {m['agent']} | {m['eval_accuracy']:.4f} | {'-' if local is None else f'{local:.4f}'} | "
+            f"{m['consensus_distance']:.4g} | "
             f"{'absent' if loss is None else f'{loss:.4f}'} |"
         )
     lines += ["", "![training](plots/training.png)", "", "![labels](plots/label_histograms.png)", ""]
@@ -152,8 +193,10 @@ def compare_table(rows: list[dict]) -> str:
     ]
     for algo, ss in by_algo.items():
         lines.append(
-            f"| {algo} | {len(ss)} | {ms([s['final_accuracy']['mean'] for s in ss])} | {ms([s['final_accuracy']['min'] for s in ss])} | "
-            f"{ms([s['final_consensus_distance'] for s in ss])} | {np.mean([s['bytes_sent_per_agent'] for s in ss]) / 1e6:.3g} |"
+            f"| {algo} | {len(ss)} | {ms([s['final_accuracy']['mean'] for s in ss])} | "
+            f"{ms([s['final_accuracy']['min'] for s in ss])} | "
+            f"{ms([s['final_consensus_distance'] for s in ss])} | "
+            f"{np.mean([s['bytes_sent_per_agent'] for s in ss]) / 1e6:.3g} |"
         )
     if rows:
         lines += ["", f"Majority-class rate of the test set: {rows[0]['majority_rate']:.4f}."]
@@ -174,6 +217,7 @@ def plot_compare(run_dirs: dict[str, list[str]], path: str) -> str:
         if len(c) > 1:
             ax.fill_between(r, c.mean(0) - c.std(0), c.mean(0) + c.std(0), alpha=0.2)
     ax.set(xlabel="round", ylabel="test accuracy (mean over agents)", title="comparison")
+    _rounds_axis(ax)
     ax.legend(fontsize=8)
     _save(fig, path)
     plt.close(fig)

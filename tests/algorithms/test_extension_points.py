@@ -14,8 +14,8 @@ from conftest import cfg_for, digits_task
 
 from decaf_lora import algorithms
 from decaf_lora.algorithms import MixOutput
-from decaf_lora.algorithms.dlora import DLoRA, average_factors
 from decaf_lora.algorithms.base import prepare
+from decaf_lora.algorithms.dlora import DLoRA, average_factors
 from decaf_lora.config import load_config
 from decaf_lora.engine import make_engine, resume, run
 from decaf_lora.errors import DecafError

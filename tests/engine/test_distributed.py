@@ -179,7 +179,7 @@ def test_simulation_under_a_multi_process_torchrun_is_refused_not_duplicated(tin
 
 
 def simulator_with_links_down(cfg, round_, links):
-    """A simulator that leaves the given (receiver, sender) links out of one round's mix, as a timed-out exchange does."""
+    """A simulator that leaves the (receiver, sender) links out of one round's mix, as a timed-out exchange does."""
     from decaf_lora.engine import make_engine
 
     engine = make_engine(cfg, progress=False)

@@ -8,8 +8,8 @@ from conftest import cfg_for, digits_task
 from decaf_lora.config import load_config
 from decaf_lora.engine import make_engine, run
 from decaf_lora.engine.screening import check_payload, poison, renormalize_without
-from decaf_lora.topology.faults import absent_agents, drop_links, isolate
 from decaf_lora.topology import Topology, validate_mixing_matrix
+from decaf_lora.topology.faults import absent_agents, drop_links, isolate
 
 
 def test_dropped_links_and_absent_agents_keep_the_matrix_doubly_stochastic():

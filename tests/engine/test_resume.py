@@ -1,7 +1,7 @@
 """Checkpoint every round; a run killed at any point and resumed ends with the numbers of an uninterrupted run."""
 
-import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,3 +116,43 @@ def test_sigkill_at_any_point_then_resume_equals_uninterrupted(tiny_text, tmp_pa
     )
     (full_dir,) = list((tmp_path / "full").iterdir())
     assert without_timing(read_metrics(run_dir)) == without_timing(read_metrics(str(full_dir)))
+
+
+def test_kills_at_random_moments_always_resume_to_the_uninterrupted_numbers(tiny_text, tmp_path):
+    """SIGKILL a real run at random moments (seeded), over and over: during start-up, training, the metrics write,
+    the checkpoint rotation. Every time, `decaf run --resume` either continues or, if nothing was written yet, says
+    so plainly; the finished run's metrics equal an uninterrupted run's."""
+    import random
+
+    overrides = tiny_text(rounds=12, local_steps=2, **{"lora.dropout": 0.1, "optim.state_after_mix": "keep"})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "decaf_lora", "run", "-q"]
+    t0 = time.monotonic()
+    subprocess.run([*base, *overrides, f"out_dir={tmp_path / 'full'}"], env=env, check=True, capture_output=True, timeout=300)
+    duration = time.monotonic() - t0  # start-up included: kills land anywhere from import to the last write
+    (full_dir,) = list((tmp_path / "full").iterdir())
+    rng = random.Random(20261123)
+    victim = tmp_path / "victim"
+    kills, restarted_plainly, finished = 0, 0, False
+    for attempt in range(12):
+        dirs = list(victim.iterdir()) if victim.exists() else []
+        cmd = [*base, "--resume", str(dirs[0])] if dirs else [*base, *overrides, f"out_dir={victim}"]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            proc.wait(timeout=rng.uniform(0.1, 0.6) * duration if kills < 5 else 300)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+            kills += 1
+            continue
+        err = proc.stderr.read()
+        if proc.returncode == 2 and "holds no config.yaml" in err:  # killed before it wrote anything: start over
+            shutil.rmtree(dirs[0])
+            restarted_plainly += 1
+            continue
+        assert proc.returncode == 0, err[-2000:]
+        finished = True
+        break
+    assert finished and kills >= 3, (kills, restarted_plainly)
+    (run_dir,) = list(victim.iterdir())
+    assert without_timing(read_metrics(str(run_dir))) == without_timing(read_metrics(str(full_dir)))

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import TinyMLP, cfg_for, digits_task  # noqa: F401 - cfg_for and digits_task re-exported
 
-from decaf_lora.config import load_config
 from decaf_lora import algorithms
+from decaf_lora.config import load_config
 from decaf_lora.engine import ROW_SCHEMA, make_engine, run
 from decaf_lora.engine.loop import OPTIONAL
 

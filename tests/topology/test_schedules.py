@@ -59,7 +59,7 @@ def test_link_failures_drop_about_p_of_links_and_rebalance():
     sched = topo.schedule("link_failures", seed=0, p=0.3)
     alive = [graph_of(sched.matrix(t)).number_of_edges() for t in range(200)]
     assert np.mean(alive) / topo.graph.number_of_edges() == pytest.approx(0.7, abs=0.03)
-    # the surviving links get Metropolis weights of the surviving graph: more than the base 1/5 when neighbours lost links
+    # the surviving links get the surviving graph's Metropolis weights: above the base 1/5 when neighbours lost links
     assert max(sched.matrix(t).max(initial=0) for t in range(10)) <= 1.0
     sched.validate()
 

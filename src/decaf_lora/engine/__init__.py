@@ -51,15 +51,18 @@ def resolve_engine(cfg: RunConfig) -> str:
     if cfg.engine == "simulation" and world > 1:
         raise ConfigError(
             [
-                f"engine=simulation under torchrun with {world} processes would run {world} duplicate simulations; drop "
-                "engine=simulation (the default, engine=auto, runs one distributed job) or start it with python, not torchrun."
+                f"engine=simulation under torchrun with {world} processes would run {world} duplicate simulations; "
+                "drop "
+                "engine=simulation (the default, engine=auto, runs one distributed job) or start it with python, not "
+                "torchrun."
             ]
         )
     kind = cfg.engine if cfg.engine != "auto" else ("distributed" if world > 1 else "simulation")
     if kind == "simulation" and cfg.faults.slow_rank >= 0:
         raise ConfigError(
             [
-                f"faults.slow_rank={cfg.faults.slow_rank} delays a torchrun process; use it with engine=distributed under "
+                f"faults.slow_rank={cfg.faults.slow_rank} delays a torchrun process; use it with engine=distributed "
+                "under "
                 "torchrun, or set it to -1."
             ]
         )
@@ -155,7 +158,8 @@ def resume(run_dir: str, overrides=(), task=None, progress: bool = False, algori
     if differ:
         raise ConfigError(
             [
-                f"cannot resume {run_dir!r} with a different config ({'; '.join(differ)}); drop those overrides or start a new run."
+                f"cannot resume {run_dir!r} with a different config ({'; '.join(differ)}); drop those overrides or "
+                "start a new run."
             ]
         )
     if os.path.exists(os.path.join(run_dir, "summary.json")):

@@ -54,6 +54,22 @@ def launch_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1")) if launched_by_torchrun() else 1
 
 
+def init_default_group(backend: str, timeout: datetime.timedelta):
+    """Initialize the default process group from torchrun's environment (or reuse one already initialized) and
+    return its store, where the exchange's deadline handshake keeps its keys."""
+    dist = _dist()
+    if not dist.is_initialized():
+        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+        # torchrun's agent store outlives a restart; without a per-attempt prefix the new workers can read the
+        # dead attempt's addresses and fail to connect ("Connection refused").
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"decaf-attempt-{attempt}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    else:
+        store = dist.distributed_c10d._get_default_store()
+    return store
+
+
 def join_process_group(cfg: RunConfig) -> Transport:
     """Join (or reuse) the default process group; the device is the local rank's GPU under NCCL, else the CPU."""
     dist = _dist()
@@ -61,16 +77,7 @@ def join_process_group(cfg: RunConfig) -> Transport:
         raise ConfigError(["engine=distributed needs a PyTorch build with torch.distributed."])
     use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
     timeout = datetime.timedelta(seconds=cfg.faults.collective_timeout)
-    if not dist.is_initialized():
-        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
-        # torchrun's agent store outlives a restart; without a per-attempt prefix the new workers can read the
-        # dead attempt's addresses and fail to connect ("Connection refused").
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        store = dist.PrefixStore(f"decaf-attempt-{attempt}", store)
-        backend = "nccl" if use_cuda else "gloo"
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
-    else:
-        store = dist.distributed_c10d._get_default_store()
+    store = init_default_group("nccl" if use_cuda else "gloo", timeout)
     device = torch.device("cpu")
     if use_cuda:
         local = int(os.environ.get("LOCAL_RANK", 0))
@@ -83,6 +90,36 @@ def join_process_group(cfg: RunConfig) -> Transport:
             [f"torchrun started {world} processes but agents={cfg.agents}; use at most one process per agent."]
         )
     return Transport(dist.PrefixStore("exchange", store), rank, world, device, cfg.faults.timeout)
+
+
+def choose_run_dir(cfg: RunConfig, algorithm: str, given: str | None, resume: bool, env) -> dict:
+    """Where a torchrun job runs: ``{"path", "resume"}``, or ``{"error"}`` when it cannot prove which directory is its
+    own. A fresh job gets a new directory (named after torchrun's run id when it has one); a restarted job must find
+    the directory named after its run id holding the same config and that id in its ``run.json``."""
+    if given:
+        return {"path": given, "resume": resume}
+    run_id = env.get("TORCHELASTIC_RUN_ID", "")
+    restarted = int(env.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if not run_id or run_id == "none":
+        if restarted:
+            return {
+                "error": "this is a restart of a torchrun job without a run id, so it cannot prove which run directory "
+                "is its own; launch with --rdzv-id NAME (or --standalone), or resume explicitly with "
+                "`torchrun ... -m decaf_lora run --resume RUN_DIR`."
+            }
+        return {"path": new_run_dir(cfg.out_dir, cfg.name, algorithm, cfg.seed), "resume": False}
+    path = os.path.join(cfg.out_dir, f"{cfg.name}-{algorithm}-s{cfg.seed}-{run_id}")
+    if not os.path.isdir(path):
+        os.makedirs(path)
+        return {"path": path, "resume": False}
+    identity = read_identity(path)
+    digest = hashlib.sha256(dump_config(cfg).encode("utf-8")).hexdigest()
+    if identity is None or identity.get("torchelastic_run_id") != run_id or identity["config_sha256"] != digest:
+        return {
+            "error": f"{path!r} already holds another experiment (a different config or run id); give this job another "
+            "--rdzv-id, or another name=."
+        }
+    return {"path": path, "resume": True}
 
 
 class DistributedEngine(Engine):
@@ -113,35 +150,7 @@ class DistributedEngine(Engine):
         return decision["path"], decision["resume"]
 
     def _choose_run_dir(self, given: str | None, resume: bool) -> dict:
-        cfg = self.cfg
-        if given:
-            return {"path": given, "resume": resume}
-        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
-        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-        if not run_id or run_id == "none":
-            if restarted:
-                return {
-                    "error": (
-                        "this is a restart of a torchrun job without a run id, so it cannot prove which run directory is "
-                        "its own; launch with --rdzv-id NAME (or --standalone), or resume explicitly with "
-                        "`torchrun ... -m decaf_lora run --resume RUN_DIR`."
-                    )
-                }
-            return {"path": new_run_dir(cfg.out_dir, cfg.name, self.algorithm.name, cfg.seed), "resume": False}
-        path = os.path.join(cfg.out_dir, f"{cfg.name}-{self.algorithm.name}-s{cfg.seed}-{run_id}")
-        if not os.path.isdir(path):
-            os.makedirs(path)
-            return {"path": path, "resume": False}
-        identity = read_identity(path)
-        digest = hashlib.sha256(dump_config(cfg).encode("utf-8")).hexdigest()
-        if identity is None or identity.get("torchelastic_run_id") != run_id or identity["config_sha256"] != digest:
-            return {
-                "error": (
-                    f"{path!r} already holds another experiment (a different config or run id); give this job another "
-                    "--rdzv-id, or another name=."
-                )
-            }
-        return {"path": path, "resume": True}
+        return choose_run_dir(self.cfg, self.algorithm.name, given, resume, os.environ)
 
     # ----------------------------------------------------------------------------------------- hooks
     @property
@@ -170,68 +179,12 @@ class DistributedEngine(Engine):
 
     def _point_to_point(self, round_: int, plan: MixingPlan, spec: PayloadSpec) -> Exchange:
         """Each own agent's payload to every process holding one of its receivers this round, and back."""
-        ex, own, W = Exchange(), set(self.own), plan.W
-        max_norm = self.cfg.faults.max_norm
-        plan_send = sorted(
-            {(j, int(self.owner[i])) for j in own for i in plan.receivers(j) if self.owner[i] != self.rank}
-        )
-        plan_recv = sorted(
-            {(int(j), int(self.owner[j])) for i in own for j in np.nonzero(W[i])[0] if self.owner[j] != self.rank}
-        )
-        late = self.transport.late_peers(round_, {q for _, q in plan_send} | {q for _, q in plan_recv})
-        for j, q in plan_recv:
-            if q in late:  # the round goes on without it; its payload would arrive after we mixed
-                for i in plan.receivers(j):
-                    if int(i) in own:
-                        ex.faults.timed_out.setdefault(int(i), []).append(j)
-        payloads = self._payloads(plan, spec)
-        sends = [Send(j, q, *payloads[j]) for j, q in plan_send if q not in late]
-        recvs = [Recv(j, q, len(spec.entries)) for j, q in plan_recv if q not in late]
-        got = self.transport.exchange(sends, recvs)
-        for j, (flat, _) in payloads.items():  # logical bytes: the real payload, once per receiver served
-            served = [i for i in plan.receivers(j) if self.owner[i] not in late]
-            ex.sent[j] = flat.numel() * len(served)
-        arrived = {j: got[j] for j in got}
-        arrived.update({j: payloads[j] for j in own if j in payloads})  # local receivers: screened alike
-        for j, (flat, counts) in arrived.items():
-            receivers = [int(i) for i in plan.receivers(j) if int(i) in own]
-            if not receivers:
-                continue
-            for i in receivers:
-                ex.received_bytes[i] = ex.received_bytes.get(i, 0) + flat.numel()
-            reason, parts = screen(spec, flat, counts, max_norm)
-            if reason:
-                ex.faults.reject(j, receivers, reason)
-            else:
-                ex.received[j] = parts
-        ex.faults.sort()
-        return ex
+        payloads, max_norm = self._payloads(plan, spec), self.cfg.faults.max_norm
+        return point_to_point(self.transport, round_, plan, spec, self.own, self.owner, payloads, max_norm)
 
     def _gather(self, plan: MixingPlan, spec: PayloadSpec) -> Exchange:
         """A server plan: every present agent's payload to every process (the coordinator's view), screened alike."""
-        ex, own = Exchange(), set(self.own)
-        payloads = self._payloads(plan, spec)
-        header = {"agents": sorted(payloads), "counts": [payloads[j][1] for j in sorted(payloads)]}
-        flat = torch.cat([payloads[j][0] for j in sorted(payloads)]) if payloads else torch.zeros(0, dtype=torch.uint8)
-        for blob in self.transport.all_gather_bytes(pack_blob(header, flat)):
-            head, data = unpack_blob(blob)
-            start = 0
-            for j, counts in zip(head["agents"], head["counts"]):
-                size = sum(counts)
-                reason, parts = screen(spec, data[start : start + size], counts, self.cfg.faults.max_norm)
-                start += size
-                receivers = [int(i) for i in plan.receivers(j) if int(i) in own]
-                if j in own:
-                    ex.sent[j] = size
-                if reason:
-                    ex.faults.reject(j, receivers, reason)
-                elif receivers:
-                    ex.received[j] = parts
-        for i in own:
-            if np.count_nonzero(plan.W[i]) > (plan.W[i, i] != 0):
-                ex.received_bytes[i] = spec.nbytes
-        ex.faults.sort()
-        return ex
+        return gathered(self.transport, plan, spec, self.own, self._payloads(plan, spec), self.cfg.faults.max_norm)
 
     def consensus(self) -> dict[int, float]:
         """Each own agent's ||s B_i A_i - mean_j s B_j A_j||_F summed over layers; the mean via an all-reduce."""
@@ -246,18 +199,7 @@ class DistributedEngine(Engine):
         return total
 
     def collect(self, rows: list[dict], faults: RoundFaults) -> list[dict]:
-        """All processes' rows, as JSON (nothing from a peer is unpickled); a rejection is detected by the receiver,
-        so the reason travels along and the sender's row reports it too."""
-        out, why = [], {}
-        for part in self.transport.gather_json(
-            {"rows": rows, "reasons": {str(j): r for j, r in faults.reasons.items()}}
-        ):
-            out += part["rows"]
-            why.update(part["reasons"])
-        for row in out:
-            if row.get("payload_rejected") is None and str(row["agent"]) in why:
-                row["payload_rejected"] = why[str(row["agent"])]
-        return out
+        return collect_rows(self.transport, rows, faults)
 
     def gather_states(self) -> None:
         """Every agent's final adapter on every process (each contributes its own agents to a sum)."""
@@ -279,3 +221,99 @@ class DistributedEngine(Engine):
             if dist.is_initialized():
                 dist.destroy_process_group()
         return result
+
+
+# --------------------------------------------------------------------------------------------- the exchange itself
+# Module-level so that decaf_lora.gossip (one agent per process, the user's own loop) runs the very same exchange,
+# screening, byte accounting and fault bookkeeping as the engine. ``own``: the agents this process holds;
+# ``owner[j]``: the process holding agent j; ``payloads``: each own sender's (bytes, counts), as ``outgoing`` made them.
+
+
+def point_to_point(
+    transport: Transport,
+    round_: int,
+    plan: MixingPlan,
+    spec: PayloadSpec,
+    own_agents: list[int],
+    owner: np.ndarray,
+    payloads: dict[int, tuple[torch.Tensor, list[int]]],
+    max_norm: float,
+) -> Exchange:
+    """Each own agent's payload to every process holding one of its receivers this round, and back: the deadline
+    handshake leaves late processes out (both ends agree), received payloads are screened, bytes are counted."""
+    ex, own, W, rank = Exchange(), set(own_agents), plan.W, transport.rank
+    plan_send = sorted({(j, int(owner[i])) for j in own for i in plan.receivers(j) if owner[i] != rank})
+    plan_recv = sorted({(int(j), int(owner[j])) for i in own for j in np.nonzero(W[i])[0] if owner[j] != rank})
+    late = transport.late_peers(round_, {q for _, q in plan_send} | {q for _, q in plan_recv})
+    for j, q in plan_recv:
+        if q in late:  # the round goes on without it; its payload would arrive after we mixed
+            for i in plan.receivers(j):
+                if int(i) in own:
+                    ex.faults.timed_out.setdefault(int(i), []).append(j)
+    sends = [Send(j, q, *payloads[j]) for j, q in plan_send if q not in late]
+    recvs = [Recv(j, q, len(spec.entries)) for j, q in plan_recv if q not in late]
+    got = transport.exchange(sends, recvs)
+    for j, (flat, _) in payloads.items():  # logical bytes: the real payload, once per receiver served
+        served = [i for i in plan.receivers(j) if owner[i] not in late]
+        ex.sent[j] = flat.numel() * len(served)
+    arrived = {j: got[j] for j in got}
+    arrived.update({j: payloads[j] for j in own if j in payloads})  # local receivers: screened alike
+    for j, (flat, counts) in arrived.items():
+        receivers = [int(i) for i in plan.receivers(j) if int(i) in own]
+        if not receivers:
+            continue
+        for i in receivers:
+            ex.received_bytes[i] = ex.received_bytes.get(i, 0) + flat.numel()
+        reason, parts = screen(spec, flat, counts, max_norm)
+        if reason:
+            ex.faults.reject(j, receivers, reason)
+        else:
+            ex.received[j] = parts
+    ex.faults.sort()
+    return ex
+
+
+def gathered(
+    transport: Transport,
+    plan: MixingPlan,
+    spec: PayloadSpec,
+    own_agents: list[int],
+    payloads: dict[int, tuple[torch.Tensor, list[int]]],
+    max_norm: float,
+) -> Exchange:
+    """A server plan: every present agent's payload to every process (the coordinator's view), screened alike."""
+    ex, own = Exchange(), set(own_agents)
+    header = {"agents": sorted(payloads), "counts": [payloads[j][1] for j in sorted(payloads)]}
+    flat = torch.cat([payloads[j][0] for j in sorted(payloads)]) if payloads else torch.zeros(0, dtype=torch.uint8)
+    for blob in transport.all_gather_bytes(pack_blob(header, flat)):
+        head, data = unpack_blob(blob)
+        start = 0
+        for j, counts in zip(head["agents"], head["counts"]):
+            size = sum(counts)
+            reason, parts = screen(spec, data[start : start + size], counts, max_norm)
+            start += size
+            receivers = [int(i) for i in plan.receivers(j) if int(i) in own]
+            if j in own:
+                ex.sent[j] = size
+            if reason:
+                ex.faults.reject(j, receivers, reason)
+            elif receivers:
+                ex.received[j] = parts
+    for i in own:
+        if np.count_nonzero(plan.W[i]) > (plan.W[i, i] != 0):
+            ex.received_bytes[i] = spec.nbytes
+    ex.faults.sort()
+    return ex
+
+
+def collect_rows(transport: Transport, rows: list[dict], faults: RoundFaults) -> list[dict]:
+    """All processes' rows, as JSON (nothing from a peer is unpickled); a rejection is detected by the receiver,
+    so the reason travels along and the sender's row reports it too."""
+    out, why = [], {}
+    for part in transport.gather_json({"rows": rows, "reasons": {str(j): r for j, r in faults.reasons.items()}}):
+        out += part["rows"]
+        why.update(part["reasons"])
+    for row in out:
+        if row.get("payload_rejected") is None and str(row["agent"]) in why:
+            row["payload_rejected"] = why[str(row["agent"])]
+    return out

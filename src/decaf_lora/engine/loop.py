@@ -125,7 +125,11 @@ class Engine:
         self.topology, self.network, self.algorithm = run.topology, run.network, run.algorithm
         self.model, self.states = run.model, run.states
         self.training = LocalTraining(run.cfg, run.task, run.model, run.states, run.split.train, run.device)
-        self.algo_state = [self.algorithm.init_state(info, self.cfg.agents) for info in run.layers]
+        # per-agent algorithm state lives where the factors live, so methods compute with it on the same device
+        self.algo_state = [
+            {k: v.to(run.device) for k, v in self.algorithm.init_state(info, self.cfg.agents).items()}
+            for info in run.layers
+        ]
         self.progress = progress
         self.run_dir = run_dir
         self.metrics: list[dict] = []
@@ -399,7 +403,7 @@ class Engine:
         theirs[np.array(own)[:, None] == np.array(senders, dtype=np.int64)[None, :]] = 0  # i's own column is its own
         rows = torch.from_numpy(np.concatenate([np.diag(W[own, own]), theirs], axis=1)).to(dev)
         self_index = torch.arange(len(own), device=dev)
-        own_t = torch.tensor(own, device=dev)
+        own_t, own_cpu = torch.tensor(own, device=dev), torch.tensor(own)
         inputs = torch.tensor(own + senders, device=dev)
         index = {(e.part, e.where): k for k, e in enumerate(spec.entries)}
         nan = float("nan")
@@ -427,7 +431,7 @@ class Engine:
                 E=E_in,
                 state={k: v[own_t] for k, v in self.algo_state[l].items()},
             )
-            ranks = st.ranks[l][own_t] if self.heterogeneous else None
+            ranks = st.ranks[l][own_cpu].to(dev) if self.heterogeneous else None
             out = algo.mix(
                 stacked("A", l, st.A[l][own_t]),
                 stacked("B", l, st.B[l][own_t]),
@@ -438,11 +442,11 @@ class Engine:
                 context=ctx,
             )
             if out.ranks is not None:
-                st.ranks[l][own_t] = out.ranks.to(st.ranks[l].dtype).cpu()
+                st.ranks[l][own_cpu] = out.ranks.to(st.ranks[l].dtype).cpu()
             st.A[l][own_t] = out.A.to(st.A[l].dtype)
             st.B[l][own_t] = out.B.to(st.B[l].dtype)
             if self.heterogeneous or out.ranks is not None:
-                keep = torch.arange(st.A[l].shape[1], device=dev)[None, :] < st.ranks[l][own_t].to(dev)[:, None]
+                keep = torch.arange(st.A[l].shape[1], device=dev)[None, :] < st.ranks[l][own_cpu].to(dev)[:, None]
                 st.B[l][own_t] = st.B[l][own_t] * keep[:, None, :]
                 st.A[l][own_t] = st.A[l][own_t] * keep[:, :, None]
             if out.E is not None:
@@ -492,7 +496,8 @@ class Engine:
                         write_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), self.metrics)
                 except OSError as exc:
                     raise DecafError(
-                        f"could not write {os.path.join(self.run_dir, 'metrics.jsonl')!r} ({exc.strerror or exc}); round "
+                        f"could not write {os.path.join(self.run_dir, 'metrics.jsonl')!r} ({exc.strerror or exc}); "
+                        "round "
                         f"{t} stays resumable: free space and continue with `decaf run --resume {self.run_dir}`."
                     ) from None
                 self.save_checkpoint(t + 1, self.elapsed_before + time.perf_counter() - t_start)

@@ -59,7 +59,8 @@ def split_data(
     if cfg.agents > len(pool):
         raise ConfigError(
             [
-                f"agents={cfg.agents} is more than the {len(pool)} training examples; use fewer agents or raise task.train_examples."
+                f"agents={cfg.agents} is more than the {len(pool)} training examples; use fewer agents or raise "
+                "task.train_examples."
             ]
         )
     scheme = cfg.partition.scheme
@@ -73,13 +74,14 @@ def split_data(
     try:
         part = make_partition(scheme, labels[pool], cfg.agents, seed=cfg.split_seed, **params)
     except PartitionError as exc:
-        raise ConfigError([str(exc)]) from None
+        raise ConfigError([_in_config_terms(str(exc), scheme, len(pool), cfg)]) from None
     train, local = [], []
     for a, ix in enumerate(part.indices):
         if len(ix) == 0:
             raise ConfigError(
                 [
-                    f"partition.scheme={scheme} left agent {a} without data; use fewer agents, more data or another scheme."
+                    f"partition.scheme={scheme} left agent {a} without data; use fewer agents, more data or another "
+                    "scheme."
                 ]
             )
         mine = pool[ix][np.random.default_rng([cfg.split_seed, 23, a]).permutation(len(ix))]
@@ -87,3 +89,18 @@ def split_data(
         local.append(np.sort(mine[:k]))
         train.append(np.sort(mine[k:]))
     return DataSplit(test, train, local, part)
+
+
+def _in_config_terms(message: str, scheme: str, n: int, cfg: RunConfig) -> str:
+    """A partition error in the words of the config: the fields to change, and the simplest way out."""
+    import re
+
+    message = re.sub(r"\b(alpha|min_size|shards_per_agent)=", r"partition.\1=", message)
+    if scheme == "dirichlet" and "min_size" in message:
+        return (
+            f"partition.scheme=dirichlet could not give each of the {cfg.agents} agents partition.min_size="
+            f"{min(cfg.partition.min_size, n // cfg.agents)} of the {n} training examples at partition.alpha="
+            f"{cfg.partition.alpha}; lower partition.min_size, raise partition.alpha, use partition.scheme=iid, or "
+            "draw more data (task.train_examples)."
+        )
+    return message

@@ -11,7 +11,7 @@ from __future__ import annotations
 from ..config import ConfigError, RunConfig
 from ..data import load_examples
 from ..registry import TASKS
-from .base import Task, macro_f1
+from .base import Task, macro_f1, model_problems
 from .causal_lm import CausalLM
 from .clip import ClipFewShot
 from .module import ModuleTask
@@ -22,7 +22,7 @@ __all__ = ["Task", "TextClassification", "ClipFewShot", "CausalLM", "ModuleTask"
 
 def _text(cfg: RunConfig) -> Task:
     t = cfg.task
-    ex = _examples(cfg, "text")
+    ex = _build(cfg, "text", t.model, "AutoModelForSequenceClassification", TextClassification.default_targets)
     task = TextClassification(ex, t.model, t.max_length, dtype=t.dtype)
     if t.dataset == "tweets":
         task.default_train_examples = TWEETS_TRAIN_EXAMPLES
@@ -30,14 +30,31 @@ def _text(cfg: RunConfig) -> Task:
 
 
 def _clip(cfg: RunConfig) -> Task:
-    t = cfg.task
-    return ClipFewShot(_examples(cfg, "image"), "random-tiny-clip" if t.model == "minilm" else t.model, dtype=t.dtype)
+    model = "random-tiny-clip" if cfg.task.model == "minilm" else cfg.task.model
+    ex = _build(cfg, "image", model, "CLIPModel", ClipFewShot.default_targets)
+    return ClipFewShot(ex, model, dtype=cfg.task.dtype)
 
 
 def _causal_lm(cfg: RunConfig) -> Task:
-    t = cfg.task
-    model = "random-tiny-llama" if t.model == "minilm" else t.model
-    return CausalLM(_examples(cfg, "text"), model, t.max_length, dtype=t.dtype)
+    model = "random-tiny-llama" if cfg.task.model == "minilm" else cfg.task.model
+    ex = _build(cfg, "text", model, "AutoModelForCausalLM", CausalLM.default_targets)
+    return CausalLM(ex, model, cfg.task.max_length, dtype=cfg.task.dtype)
+
+
+def _build(cfg: RunConfig, kind: str, model: str, model_class: str, default_targets):
+    """The task's examples, after checking the data, the model and the LoRA targets, so that every problem among
+    them is reported at once (a bad data file does not hide a misspelt target)."""
+    problems = []
+    try:
+        ex = _examples(cfg, kind)
+    except ConfigError as exc:
+        problems, ex = list(exc.problems), None
+    targets = cfg.lora.targets or list(default_targets)
+    max_length = cfg.task.max_length if kind == "text" else None
+    problems += model_problems(model, model_class, max_length, targets, cfg.lora.rank)
+    if problems:
+        raise ConfigError(problems)
+    return ex
 
 
 def _examples(cfg: RunConfig, kind: str):
@@ -52,7 +69,8 @@ def _examples(cfg: RunConfig, kind: str):
 def _module(cfg: RunConfig) -> Task:
     raise ConfigError(
         [
-            "task.kind=module is a Python ModuleTask that only its own code can build; pass it as task= (decaf_lora.run, "
+            "task.kind=module is a Python ModuleTask that only its own code can build; pass it as task= "
+            "(decaf_lora.run, "
             "resume or export_adapter), or use task.kind=text, clip or causal-lm."
         ]
     )
@@ -76,7 +94,8 @@ def _label_names(names: list, found: list[str]) -> list[str]:
     if len(names) != len(found):
         raise ConfigError(
             [
-                f"task.label_names has {len(names)} names but the data has {len(found)} classes ({', '.join(found)}); give one name per class."
+                f"task.label_names has {len(names)} names but the data has {len(found)} classes ({', '.join(found)}); "
+                "give one name per class."
             ]
         )
     return [str(n) for n in names]

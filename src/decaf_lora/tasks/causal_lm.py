@@ -3,8 +3,9 @@ instruction data (scored by teacher-forced token accuracy).
 
 Each example becomes ``"{input}\nAnswer:"`` followed by `` {answer}`` and the end-of-sequence token; the loss covers
 the answer tokens only. With at most ``MAX_CLASSES`` distinct answers the task is a classification: a prediction is
-the answer with the highest mean log-likelihood per token (rank classification), and macro-F1 is reported. ``random-tiny-llama``
-is a randomly initialised toy LLaMA for tests; a directory or hub name with real weights gives the paper's setup.
+the answer with the highest mean log-likelihood per token (rank classification), and macro-F1 is reported.
+``random-tiny-llama`` is a randomly initialised toy LLaMA for tests; a directory or hub name with real weights
+gives the paper's setup.
 """
 
 from __future__ import annotations

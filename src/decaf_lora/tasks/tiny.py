@@ -50,8 +50,8 @@ class ByteTokenizer:
         return [b + 3 for b in text.encode("utf-8")]
 
 
-def tiny_clip(vocab_size: int, seed: int = 0):
-    from transformers import CLIPConfig, CLIPModel
+def tiny_clip_config(vocab_size: int = 64):
+    from transformers import CLIPConfig
 
     text = dict(
         vocab_size=vocab_size,
@@ -67,15 +67,21 @@ def tiny_clip(vocab_size: int, seed: int = 0):
     vision = dict(
         image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
     )
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
+
+
+def tiny_clip(vocab_size: int, seed: int = 0):
+    from transformers import CLIPModel
+
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=32))
+        return CLIPModel(tiny_clip_config(vocab_size))
 
 
-def tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama_config():
+    from transformers import LlamaConfig
 
-    cfg = LlamaConfig(
+    return LlamaConfig(
         vocab_size=ByteTokenizer.vocab_size,
         hidden_size=32,
         intermediate_size=64,
@@ -88,6 +94,15 @@ def tiny_llama(seed: int = 0):
         eos_token_id=2,
         tie_word_embeddings=False,
     )
+
+
+def tiny_llama(seed: int = 0):
+    from transformers import LlamaForCausalLM
+
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return LlamaForCausalLM(cfg)
+        return LlamaForCausalLM(tiny_llama_config())
+
+
+#: The random toy models by name, as configs (their structure can be checked without building them).
+TINY_CONFIGS = {"random-tiny-clip": tiny_clip_config, "random-tiny-llama": tiny_llama_config}

@@ -143,7 +143,8 @@ def erdos_renyi(n: int, p: float | None = None, seed: int = 0, max_tries: int = 
         if nx.is_connected(g):
             return g
     raise TopologyError(
-        f"erdos_renyi with p={p} gave no connected graph on {n} agents in {max_tries} tries; raise p (try >= {min(1.0, 2 * math.log(max(n, 2)) / n):.2f})."
+        f"erdos_renyi with p={p} gave no connected graph on {n} agents in {max_tries} tries; raise p (try >= "
+        f"{min(1.0, 2 * math.log(max(n, 2)) / n):.2f})."
     )
 
 

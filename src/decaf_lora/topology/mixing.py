@@ -36,7 +36,7 @@ def _fill_diagonal(w: np.ndarray) -> np.ndarray:
 
 
 def metropolis(g: nx.Graph) -> np.ndarray:
-    """Metropolis-Hastings: ``w_ij = 1 / (1 + max(d_i, d_j))`` on edges; symmetric and doubly stochastic on any graph."""
+    """Metropolis-Hastings: ``w_ij = 1 / (1 + max(d_i, d_j))`` on edges; symmetric, doubly stochastic on any graph."""
     n = _check_nodes(g)
     d = _degrees(g)
     w = np.zeros((n, n))
@@ -46,12 +46,13 @@ def metropolis(g: nx.Graph) -> np.ndarray:
 
 
 def uniform(g: nx.Graph) -> np.ndarray:
-    """``1 / (deg + 1)`` on self and every neighbour; doubly stochastic only on regular graphs (ring, torus, complete)."""
+    """``1 / (deg + 1)`` on self and every neighbour; doubly stochastic only on regular graphs (ring, torus, ...)."""
     n = _check_nodes(g)
     d = _degrees(g)
     if n and d.min() != d.max():
         raise TopologyError(
-            f"mixing='uniform' needs every agent to have the same degree, but degrees range from {d.min()} to {d.max()}; "
+            f"mixing='uniform' needs every agent to have the same degree, but degrees range from {d.min()} to "
+            f"{d.max()}; "
             "use mixing='metropolis' or 'max-degree' on irregular graphs."
         )
     w = np.zeros((n, n))
@@ -154,11 +155,13 @@ def validate_mixing_matrix(
         if off.max() > atol:
             i, j = np.unravel_index(np.argmax(off), w.shape)
             raise TopologyError(
-                f"{name} puts weight {w[i, j]:.3g} on ({i}, {j}), which is not an edge of the graph; weights must be zero off the graph."
+                f"{name} puts weight {w[i, j]:.3g} on ({i}, {j}), which is not an edge of the graph; weights must be "
+                "zero off the graph."
             )
     if require_connected and n > 1 and not nx.is_connected(graph_of(w, atol) if graph is None else graph):
         raise TopologyError(
-            f"the graph of the {name} is not connected, so agents can never agree; add edges so every agent can reach every other."
+            f"the graph of the {name} is not connected, so agents can never agree; add edges so every agent can reach "
+            "every other."
         )
     return w
 

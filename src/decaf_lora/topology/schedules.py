@@ -51,7 +51,8 @@ class Schedule(abc.ABC):
             union.add_edges_from(graph_of(w).edges)
         if self.n_agents > 1 and not nx.is_connected(union):
             raise TopologyError(
-                f"{type(self).__name__} never connects all agents over {self.period} rounds; use a connected base graph."
+                f"{type(self).__name__} never connects all agents over {self.period} rounds; use a connected base "
+                "graph."
             )
 
 
