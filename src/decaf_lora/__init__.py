@@ -12,6 +12,7 @@ from .config import ConfigError, RunConfig, load_config
 from .engine import RunResult, make_engine, resume, run
 from .errors import DecafError
 from .lowrank import split_factors, truncated_svd_of_sum
+from .merge import merge_adapters
 from .partition import Partition, make_partition
 from .topology import Topology
 
@@ -30,6 +31,7 @@ __all__ = [
     "resume",
     "make_engine",
     "compare",
+    "merge_adapters",
     "Topology",
     "one_agent_per_process",
     "Partition",

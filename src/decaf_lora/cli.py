@@ -224,6 +224,22 @@ def export(run_dir: str, agent: int | None, consensus: bool, out_dir: str, overw
 
 
 @main.command()
+@click.argument("adapter_dirs", nargs=-1, required=True, type=click.Path(), metavar="ADAPTER_DIR...")
+@click.option("--out", "out_dir", required=True, type=click.Path(), help="New or empty directory to write.")
+@click.option("--weights", default=None, metavar="W1,W2,...", help="One weight >= 0 per adapter, normalised to sum 1.")
+@click.option("--rank", type=int, default=None, help="Rank of the merged adapter [default: largest input rank].")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it is a previous PEFT adapter directory.")
+def merge(adapter_dirs: tuple[str, ...], out_dir: str, weights: str | None, rank: int | None, overwrite: bool) -> None:
+    """Merge LoRA adapters of one base model: per layer the best rank-R fit of the weighted sum of products."""
+    from .merge import format_report, merge_adapters, parse_weights
+
+    w = None if weights is None else parse_weights(weights)
+    result = merge_adapters(list(adapter_dirs), w, rank, out_dir=out_dir, overwrite=overwrite)
+    click.echo(format_report(result))
+    click.echo(f"wrote PEFT adapter to {result.out_dir}")
+
+
+@main.command()
 @click.argument("run_dir", type=click.Path())
 def report(run_dir: str) -> None:
     """Rebuild a run's plots and markdown report, and print the report."""
