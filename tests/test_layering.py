@@ -32,7 +32,7 @@ LAYERS = [
     ["engine.loop"],
     ["engine.simulation", "engine.distributed"],
     ["engine"],
-    ["merge", "demo", "gossip"],
+    ["merge", "demo", "gossip", "methods"],
     ["export", "compare"],
     ["cli", ""],
     ["__main__"],

@@ -12,7 +12,7 @@ from .config import ConfigError, RunConfig, load_config
 from .engine import RunResult, make_engine, resume, run
 from .errors import DecafError
 from .lowrank import split_factors, truncated_svd_of_sum
-from .merge import merge_adapters
+from .merge import merge_adapters as merge_adapters  # explicit re-export; product-space merge of PEFT adapters
 from .partition import Partition, make_partition
 from .topology import Topology
 
@@ -33,7 +33,6 @@ __all__ = [
     "compare",
     "merge_adapters",
     "Topology",
-    "one_agent_per_process",
     "Partition",
     "make_partition",
     "truncated_svd_of_sum",

@@ -250,6 +250,15 @@ def report(run_dir: str) -> None:
         click.echo(fh.read())
 
 
+@main.command()
+@click.option("--markdown", is_flag=True, help="Print the README's markdown table instead.")
+def methods(markdown: bool) -> None:
+    """Every method: what it does, what it sends (bytes per round vs DLoRA), heterogeneous ranks, its paper."""
+    from .methods import methods_markdown, methods_text
+
+    click.echo(methods_markdown() if markdown else methods_text())
+
+
 @main.command("consensus-demo")
 @click.option("--agents", "-n", type=int, default=10, show_default=True)
 @click.option("--rank", "-r", type=int, default=4, show_default=True)

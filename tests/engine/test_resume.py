@@ -10,6 +10,7 @@ import time
 import pytest
 from conftest import cfg_for, digits_task
 
+from decaf_lora import algorithms
 from decaf_lora.config import ConfigError, load_config
 from decaf_lora.engine import checkpoint, make_engine, resume, run
 from decaf_lora.rundir import read_metrics
@@ -156,3 +157,22 @@ def test_kills_at_random_moments_always_resume_to_the_uninterrupted_numbers(tiny
     assert finished and kills >= 3, (kills, restarted_plainly)
     (run_dir,) = list(victim.iterdir())
     assert without_timing(read_metrics(str(run_dir))) == without_timing(read_metrics(str(full_dir)))
+
+
+@pytest.mark.parametrize("algo", algorithms.available())
+def test_every_method_resumes_exactly(tmp_path, algo):
+    """Crash in round 3 of 3, resume: every method's numbers (and its per-agent state) come back exactly."""
+    cfg = cfg_for(tmp_path, algorithm=algo, rounds=3, local_steps=3, eval_every=3, lora={"rank": 2, "dropout": 0.1})
+    full = run(cfg, task=digits_task(), write=False).metrics
+    engine = make_engine(load_config(cfg), task=digits_task(), progress=False)
+    real = engine.training.train
+
+    def crash(agent, round_):
+        if round_ == 2 and agent == 1:
+            raise KeyboardInterrupt
+        return real(agent, round_)
+
+    engine.training.train = crash
+    with pytest.raises(KeyboardInterrupt):
+        engine.run()
+    assert without_timing(resume(engine.run_dir, task=digits_task()).metrics) == without_timing(full)

@@ -173,3 +173,13 @@ def test_link_failures_and_schedules_are_used(tmp_path):
 def test_a_diverging_run_stops_with_a_clear_message(tmp_path):
     with pytest.raises(FloatingPointError, match="lower optim.lr"):
         run(cfg_for(tmp_path, optim={"lr": 1e30, "grad_clip": 0}), task=digits_task(), write=False)
+
+
+def test_a_blown_up_loss_is_warned_in_the_log_and_the_summary_even_if_it_comes_back(tmp_path, capsys):
+    """lr=3 sends the loss to ~1e6 in round 1; by round 4 it is back at chance level. Still a blow-up, still said."""
+    res = run(cfg_for(tmp_path, optim={"lr": 3.0}), task=digits_task(), write=False)
+    assert res.summary["warnings"] and "the training loss blew up" in res.summary["warnings"][0]
+    assert "warning: the training loss blew up" in capsys.readouterr().err
+    calm = run(cfg_for(tmp_path), task=digits_task(), write=False)
+    assert calm.summary["warnings"] == []
+    assert all(m["train_loss_start"] is not None for m in calm.metrics)

@@ -53,6 +53,7 @@ ROW_SCHEMA: dict[str, str] = {
     "agent": "agent id",
     "rank": "the agent's LoRA rank after the round (largest over layers)",
     "train_loss": "mean training loss of the round's local steps; null when the agent sat the round out",
+    "train_loss_start": "loss of the round's first local step, before it updated anything: the model the last mix left",
     "lr": "learning rate of the round's last local step",
     "eval_loss": "loss on the shared test set (evaluated rounds only)",
     "eval_accuracy": "accuracy on the shared test set (evaluated rounds only)",
@@ -293,7 +294,7 @@ class Engine:
         losses, t_train = {}, {}
         for a in own:
             t0 = time.perf_counter()
-            losses[a] = None if absent[a] else self.training.train(a, t)
+            losses[a] = (None, None) if absent[a] else self.training.train(a, t)
             t_train[a] = time.perf_counter() - t0
         t0 = time.perf_counter()
         activations = self._activations(t) if "activations" in algo.needs else None
@@ -316,7 +317,8 @@ class Engine:
                 "round": t + 1,
                 "agent": a,
                 "rank": int(max(int(rk[a]) for rk in self.states.ranks)),
-                "train_loss": losses[a],
+                "train_loss": losses[a][0],
+                "train_loss_start": losses[a][1],
                 "lr": self.training.lr(t),
                 **evals[a],
                 "consensus_distance": float(consensus[a]),
@@ -532,6 +534,23 @@ class Engine:
 
         write_report(self.run_dir)
 
+    def divergence_warnings(self) -> list[str]:
+        """A blown-up loss, judged against the untrained model's own loss (the first step of round 1): any round whose
+        mean training loss is ten times that, even if training later wandered back to chance level."""
+        start = [m["train_loss_start"] for m in self.metrics if m["round"] == 1 and m.get("train_loss_start") is not None]
+        if not start:
+            return []
+        reference = max(float(np.mean(start)), 1e-12)
+        rounds = sorted({m["round"] for m in self.metrics})
+        means = {t: [m["train_loss"] for m in self.metrics if m["round"] == t and m["train_loss"] is not None] for t in rounds}
+        worst = max(((float(np.mean(v)), t) for t, v in means.items() if v), default=(0.0, 0))
+        if worst[0] <= 10 * reference:
+            return []
+        return [
+            f"the training loss blew up: {worst[0]:.4g} in round {worst[1]} against {reference:.4g} for the untrained "
+            f"model; lower optim.lr (now {self.cfg.optim.lr})."
+        ]
+
     def summarize(self, wall: float) -> dict:
         """The run's headline numbers, from the final round's rows; refuses non-finite numbers, warns on blow-up."""
         cfg = self.cfg
@@ -542,16 +561,7 @@ class Engine:
                 f"the final round's metrics are incomplete or not finite ({len(last)} of {cfg.agents} agents); "
                 "no summary can be computed from them."
             )
-        warnings = []
-        losses = {
-            r: [m["train_loss"] for m in self.metrics if m["round"] == r and m["train_loss"] is not None]
-            for r in (1, cfg.rounds)
-        }
-        if losses[1] and losses[cfg.rounds] and np.mean(losses[cfg.rounds]) > 10 * max(np.mean(losses[1]), 1e-12):
-            warnings.append(
-                f"the training loss blew up: {np.mean(losses[cfg.rounds]):.4g} in the last round against "
-                f"{np.mean(losses[1]):.4g} in the first; lower optim.lr (now {cfg.optim.lr})."
-            )
+        warnings = self.divergence_warnings()
         test_hist = np.bincount(self.task.labels[self.split.test])
         local = [m.get("local_accuracy") for m in last]
         return {

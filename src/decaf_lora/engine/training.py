@@ -53,8 +53,9 @@ class LocalTraining:
         """The learning rate of the round's last step (what the metrics report)."""
         return lr_at((round_ + 1) * self.cfg.local_steps - 1, self.total_steps, self.cfg.optim)
 
-    def train(self, agent: int, round_: int) -> float:
-        """``local_steps`` AdamW steps of ``agent`` on its own batches; returns the mean training loss."""
+    def train(self, agent: int, round_: int) -> tuple[float, float]:
+        """``local_steps`` AdamW steps of ``agent`` on its own batches; returns the mean training loss and the loss of
+        the first step (before this round changed anything: the model as the last mix left it)."""
         from ..tasks.base import to_device
 
         cfg = self.cfg
@@ -81,7 +82,7 @@ class LocalTraining:
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
         self.states.store(agent)
-        return float(np.mean(losses))
+        return float(np.mean(losses)), float(losses[0])
 
     def after_mix(self, agents) -> None:
         """Apply ``optim.state_after_mix`` to the agents just mixed."""
