@@ -79,7 +79,7 @@ CASES = [
     (["task.dataset=FILES/empty_cells.csv"], "row 2 has an empty 'text' or 'label'"),
     (["task.dataset=digits"], "task.dataset='digits' holds images; use it with task.kind=clip."),
     (["task.kind=clip", "task.dataset=tweets"], "task.dataset='tweets' is not an image data set"),
-    (["task.model=/no/model"], "task.model='/no/model' is not a local directory and the Hugging Face hub cannot be reached"),
+    (["task.model=/no/model"], "task.model='/no/model' is not a local directory and the Hugging Face hub cannot be"),
     (["task.kind=speech"], "task.kind='speech' is not known"),
     (["task.dtype=int8"], "task.dtype='int8' is not known"),
     (["task.kind=causal_lm", "task.label_names=[a, b]"], "task.label_names has 2 names but the data has 3 classes"),

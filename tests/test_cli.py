@@ -104,7 +104,7 @@ def test_run_with_bad_fields_lists_every_problem_and_leaves_no_run_directory(tmp
 @pytest.mark.parametrize(
     "extra, message",
     [
-        ({"task.model": "/no/such/model"}, "task.model='/no/such/model' could not be loaded"),
+        ({"task.model": "/no/such/model"}, "task.model='/no/such/model' is not a local directory"),
         ({"lora.targets": "[nothing_like_this]"}, "matches no module of"),
         ({"lora.rank": 64}, "lora.rank=64 exceeds the size of"),
         ({"agents": 400}, "agents=400 is more than the 320 training examples"),

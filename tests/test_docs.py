@@ -18,7 +18,7 @@ def test_the_readme_method_table_is_the_generated_one():
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     assert START in text and END in text, "the README lost its generated method table markers"
     table = text.split(START, 1)[1].split(END, 1)[0].strip()
-    assert table == methods_markdown(), "README's method table is stale: paste `decaf methods --markdown` between the markers"
+    assert table == methods_markdown(), "README's method table is stale: paste `decaf methods --markdown` there"
 
 
 @pytest.mark.parametrize("name", algorithms.available())

@@ -18,8 +18,8 @@ LAYERS = [
     ["registry"],
     ["config"],
     ["lowrank", "rundir", "data", "partition", "topology"],
-    ["algorithms", "tasks", "adapters", "report"],  # report reads run files only, so the engine may call it
-    ["payload"],
+    ["algorithms", "adapters", "report"],  # report reads run files only, so the engine may call it
+    ["tasks", "payload"],
     [
         "engine.batches",
         "engine.screening",

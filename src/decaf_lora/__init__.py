@@ -11,6 +11,7 @@ from .compare import compare
 from .config import ConfigError, RunConfig, load_config
 from .engine import RunResult, make_engine, resume, run
 from .errors import DecafError
+from .gossip import Gossip, one_agent_per_process  # one agent per process from your own loop / a Trainer
 from .lowrank import split_factors, truncated_svd_of_sum
 from .merge import merge_adapters as merge_adapters  # explicit re-export; product-space merge of PEFT adapters
 from .partition import Partition, make_partition
@@ -33,6 +34,8 @@ __all__ = [
     "compare",
     "merge_adapters",
     "Topology",
+    "Gossip",
+    "one_agent_per_process",
     "Partition",
     "make_partition",
     "truncated_svd_of_sum",

@@ -81,7 +81,8 @@ def methods_text() -> str:
             f"  paper: {m.paper}",
         ]
     note = (
-        f"Bytes: factors only (heads aside), at one {REFERENCE['d']} x {REFERENCE['k']} layer of rank {REFERENCE['r']}, "
+        f"Bytes: factors only (heads aside), at one {REFERENCE['d']} x {REFERENCE['k']} layer of rank "
+        f"{REFERENCE['r']}, "
         f"averaged over {ROUNDS} rounds. Options: `decaf run --help-config`; method pages: docs/methods/."
     )
     return "\n".join([*out, "", note])

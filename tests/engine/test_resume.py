@@ -129,13 +129,15 @@ def test_kills_at_random_moments_always_resume_to_the_uninterrupted_numbers(tiny
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     base = [sys.executable, "-m", "decaf_lora", "run", "-q"]
     t0 = time.monotonic()
-    subprocess.run([*base, *overrides, f"out_dir={tmp_path / 'full'}"], env=env, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [*base, *overrides, f"out_dir={tmp_path / 'full'}"], env=env, check=True, capture_output=True, timeout=300
+    )
     duration = time.monotonic() - t0  # start-up included: kills land anywhere from import to the last write
     (full_dir,) = list((tmp_path / "full").iterdir())
     rng = random.Random(20261123)
     victim = tmp_path / "victim"
     kills, restarted_plainly, finished = 0, 0, False
-    for attempt in range(12):
+    for _ in range(12):
         dirs = list(victim.iterdir()) if victim.exists() else []
         cmd = [*base, "--resume", str(dirs[0])] if dirs else [*base, *overrides, f"out_dir={victim}"]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

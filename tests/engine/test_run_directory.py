@@ -200,9 +200,27 @@ EXPORT = ("export", "DIR", "--agent", "0", "--out", "OUT")
 
 CASES = [
     # (id, which run, damage, command, expectation: "same" for an identical resume, else a phrase of the sentence)
-    ("config edited", "stopped", edit_text("config.yaml", lambda t: t.replace("rounds: 4", "rounds: 5")), RESUME, "config.yaml' was changed after the run started"),
-    ("config truncated", "stopped", truncate("config.yaml", 40), RESUME, "config.yaml' was changed after the run started"),
-    ("config not utf-8", "stopped", write_bytes("config.yaml", b"\xff\xfe rounds: 4\n"), RESUME, "config.yaml' was changed"),
+    (
+        "config edited",
+        "stopped",
+        edit_text("config.yaml", lambda t: t.replace("rounds: 4", "rounds: 5")),
+        RESUME,
+        "config.yaml' was changed after the run started",
+    ),
+    (
+        "config truncated",
+        "stopped",
+        truncate("config.yaml", 40),
+        RESUME,
+        "config.yaml' was changed after the run started",
+    ),
+    (
+        "config not utf-8",
+        "stopped",
+        write_bytes("config.yaml", b"\xff\xfe rounds: 4\n"),
+        RESUME,
+        "config.yaml' was changed",
+    ),
     ("config deleted", "stopped", remove("config.yaml"), RESUME, "holds no config.yaml"),
     ("identity deleted", "stopped", remove("run.json"), RESUME, "has no run.json"),
     ("identity not json", "stopped", write_bytes("run.json", b"{nope"), RESUME, "run.json' is not valid JSON"),
@@ -211,33 +229,105 @@ CASES = [
     ("metrics deleted", "stopped", remove("metrics.jsonl"), RESUME, "metrics.jsonl' is missing but round 2 finished"),
     ("metrics emptied", "stopped", write_bytes("metrics.jsonl", b""), RESUME, "metrics.jsonl' does not hold the rows"),
     ("metrics truncated mid-line", "stopped", truncate("metrics.jsonl", -30), RESUME, "metrics.jsonl' line"),
-    ("metrics value edited", "stopped", edit_text("metrics.jsonl", lambda t: t.replace('"agent": 1,', '"agent": 1, "x": 1,', 1)), RESUME, "metrics.jsonl' does not hold the rows"),
-    ("metrics not utf-8", "stopped", write_bytes("metrics.jsonl", b"\xff\xfe{}\n"), RESUME, "metrics.jsonl' is not UTF-8"),
+    (
+        "metrics value edited",
+        "stopped",
+        edit_text("metrics.jsonl", lambda t: t.replace('"agent": 1,', '"agent": 1, "x": 1,', 1)),
+        RESUME,
+        "metrics.jsonl' does not hold the rows",
+    ),
+    (
+        "metrics not utf-8",
+        "stopped",
+        write_bytes("metrics.jsonl", b"\xff\xfe{}\n"),
+        RESUME,
+        "metrics.jsonl' is not UTF-8",
+    ),
     ("metrics not rows", "stopped", write_bytes("metrics.jsonl", b"[1]\n"), RESUME, "is not a metrics row"),
     ("metrics of an unfinished round", "stopped", extra_metrics_round, RESUME, "same"),
     ("newest checkpoint truncated", "stopped", truncate(newest_shard, 200), RESUME, "same"),
     ("newest checkpoint one value changed", "stopped", lambda d: flip_a_value(newest_shard(d)), RESUME, "same"),
-    ("every checkpoint truncated", "stopped", all_shards(lambda p: open(p, "r+b").truncate(100)), RESUME, "cannot be read (truncated, damaged"),
-    ("every checkpoint changed", "stopped", all_shards(flip_a_value), RESUME, "is damaged: its tensors do not match the digest"),
-    ("checkpoint missing an entry", "stopped", rewrite_shard(drop_first_adapter_key), RESUME, "the saved adapters lack"),
-    ("checkpoint with a wrong shape", "stopped", rewrite_shard(reshape_first_adapter_key), RESUME, "has shape (1, 3, 3) but this run needs"),
+    (
+        "every checkpoint truncated",
+        "stopped",
+        all_shards(lambda p: open(p, "r+b").truncate(100)),
+        RESUME,
+        "cannot be read (truncated, damaged",
+    ),
+    (
+        "every checkpoint changed",
+        "stopped",
+        all_shards(flip_a_value),
+        RESUME,
+        "is damaged: its tensors do not match the digest",
+    ),
+    (
+        "checkpoint missing an entry",
+        "stopped",
+        rewrite_shard(drop_first_adapter_key),
+        RESUME,
+        "the saved adapters lack",
+    ),
+    (
+        "checkpoint with a wrong shape",
+        "stopped",
+        rewrite_shard(reshape_first_adapter_key),
+        RESUME,
+        "has shape (1, 3, 3) but this run needs",
+    ),
     ("checkpoint of another run", "stopped", "another-run", RESUME, "belong to another run"),
-    ("stray temporary file", "stopped", write_bytes("checkpoints/.round-00003.rank-0-of-1.safetensors.x.tmp", b"junk"), RESUME, "same"),
+    (
+        "stray temporary file",
+        "stopped",
+        write_bytes("checkpoints/.round-00003.rank-0-of-1.safetensors.x.tmp", b"junk"),
+        RESUME,
+        "same",
+    ),
     ("foreign file in checkpoints", "stopped", write_bytes("checkpoints/notes.txt", b"mine"), RESUME, "same"),
-    ("topology edited", "stopped", edit_text("topology.json", lambda t: t.replace('"ring"', '"rings"')), RESUME, "topology.json' was changed after round 2"),
+    (
+        "topology edited",
+        "stopped",
+        edit_text("topology.json", lambda t: t.replace('"ring"', '"rings"')),
+        RESUME,
+        "topology.json' was changed after round 2",
+    ),
     ("partition deleted", "stopped", remove("partition.json"), RESUME, "partition.json' is missing"),
     ("killed before anything", "empty", None, RESUME, "holds no config.yaml"),
     ("not a directory", "missing", None, RESUME, "does not exist"),
     ("summary truncated", "finished", truncate("summary.json", 20), RESUME, "summary.json' is not valid JSON"),
     ("summary not utf-8", "finished", write_bytes("summary.json", b"\xff\xfe"), REPORT, "summary.json' is not UTF-8"),
-    ("summary wrong shape", "finished", write_bytes("summary.json", b"[]"), RESUME, "summary.json' is not a run summary"),
+    (
+        "summary wrong shape",
+        "finished",
+        write_bytes("summary.json", b"[]"),
+        RESUME,
+        "summary.json' is not a run summary",
+    ),
     ("report of an unfinished run", "stopped", None, REPORT, "lacks summary.json"),
     ("report with metrics truncated", "finished", truncate("metrics.jsonl", -15), REPORT, "metrics.jsonl' line"),
-    ("adapters truncated", "finished", truncate("adapters.safetensors", 64), EXPORT, "adapters.safetensors' cannot be read"),
+    (
+        "adapters truncated",
+        "finished",
+        truncate("adapters.safetensors", 64),
+        EXPORT,
+        "adapters.safetensors' cannot be read",
+    ),
     ("adapters deleted", "finished", remove("adapters.safetensors"), EXPORT, "lacks adapters.safetensors"),
     ("adapters hold NaN", "finished", adapters_with(nan_in_first), EXPORT, "holds NaN or infinite values"),
-    ("adapters changed", "finished", adapters_with(nan_in_first, keep_digest=True), EXPORT, "is not the adapters this run wrote"),
-    ("export config edited", "finished", edit_text("config.yaml", lambda t: t + "\n# note\n"), EXPORT, "does not match the run's identity"),
+    (
+        "adapters changed",
+        "finished",
+        adapters_with(nan_in_first, keep_digest=True),
+        EXPORT,
+        "is not the adapters this run wrote",
+    ),
+    (
+        "export config edited",
+        "finished",
+        edit_text("config.yaml", lambda t: t + "\n# note\n"),
+        EXPORT,
+        "does not match the run's identity",
+    ),
 ]
 
 
@@ -258,9 +348,10 @@ def test_damaged_run_directory(runs, tmp_path, name, which, damage, command, exp
     if expect == "same":
         assert res.exit_code == 0, res.output
         assert without_timing(read_metrics(run_dir)) == without_timing(runs["reference"])
-        assert json.loads((run_dir / "summary.json").read_text())["final_accuracy"] == json.loads(
-            (pathlib_of(runs["finished"]) / "summary.json").read_text()
-        )["final_accuracy"]
+        assert (
+            json.loads((run_dir / "summary.json").read_text())["final_accuracy"]
+            == json.loads((pathlib_of(runs["finished"]) / "summary.json").read_text())["final_accuracy"]
+        )
     else:
         assert_one_sentence(res, expect)
         after = sorted(p.name for p in run_dir.iterdir()) if run_dir.exists() else []
@@ -293,19 +384,27 @@ HOSTILE = [
     (["name=../.."], "name='../..' cannot name a run directory"),
     (["name=a/b"], "name='a/b' cannot name a run directory"),
     (["agents=30000"], "agents=30000 is too large; use a value in [1, 4096]."),
-    (["topology=edges", "topology.params={edges: FILES/far_edge.txt}"], "edge (1, 99999999) names an agent outside 0..3"),
+    (
+        ["topology=edges", "topology.params={edges: FILES/far_edge.txt}"],
+        "edge (1, 99999999) names an agent outside 0..3",
+    ),
     (["task.dataset=FILES/wide.csv"], "has 5000 columns"),
     (["task.dataset=FILES/long.csv"], "line 2 is longer than 1048576 characters"),
     (["task.dataset=FILES/latin1.csv"], "is not UTF-8 text; save it as UTF-8."),
     (["task.dataset=FILES/nan_labels.csv"], "is missing in row 2 ('NaN')"),
     (["task.max_length=1000"], "task.max_length=1000 exceeds the 64 positions of task.model="),
-    (["task.train_examples=40", "agents=4", "partition.alpha=0.01", "partition.min_size=9"], "lower partition.min_size"),
+    (
+        ["task.train_examples=40", "agents=4", "partition.alpha=0.01", "partition.min_size=9"],
+        "lower partition.min_size",
+    ),
     (["task.dtype=float16"], "task.dtype=float16 needs a GPU"),
 ]
 
 
 @pytest.mark.parametrize("overrides, message", HOSTILE, ids=[" ".join(h[0])[:50] for h in HOSTILE])
-def test_hostile_inputs_are_one_sentence_before_anything_is_allocated_or_written(tiny_text, tmp_path, overrides, message):
+def test_hostile_inputs_are_one_sentence_before_anything_is_allocated_or_written(
+    tiny_text, tmp_path, overrides, message
+):
     write_files(tmp_path)
     out = tmp_path / "out"
     args = [*tiny_text(), f"out_dir={out}", *[o.replace("FILES", str(tmp_path)) for o in overrides]]  # last wins
@@ -358,13 +457,17 @@ def test_overwrite_replaces_a_previous_export_and_nothing_else(runs, tmp_path):
     assert json.loads((out / "decaf_export.json").read_text())["agent"] == 3
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "keep.txt").write_text("precious")
-    assert_one_sentence(cli("export", run_dir, "--agent", "0", "--out", tmp_path / "mine", "--overwrite"), "not a previous export")
+    assert_one_sentence(
+        cli("export", run_dir, "--agent", "0", "--out", tmp_path / "mine", "--overwrite"), "not a previous export"
+    )
     assert (tmp_path / "mine" / "keep.txt").read_text() == "precious"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export")]  # no temporary directory left
 
 
 # ------------------------------------------------------------------------------------------------- disk, races, modes
-def test_a_full_disk_is_one_sentence_and_the_last_complete_round_stays_resumable(tiny_text, runs, tmp_path, monkeypatch):
+def test_a_full_disk_is_one_sentence_and_the_last_complete_round_stays_resumable(
+    tiny_text, runs, tmp_path, monkeypatch
+):
     import errno
 
     from decaf_lora.errors import DecafError
@@ -380,7 +483,11 @@ def test_a_full_disk_is_one_sentence_and_the_last_complete_round_stays_resumable
         return real(path, tensors, metadata)
 
     monkeypatch.setattr(checkpoint, "save_tensors", full_disk)
-    with pytest.raises(DecafError, match=r"could not write checkpoint .*No space left on device.*round 2, which stays resumable"):
+    with pytest.raises(
+        DecafError,
+        match=r"could not write checkpoint .*No space left on device.*round 2, which stays "
+        r"resumable",
+    ):
         engine.run()
     monkeypatch.setattr(checkpoint, "save_tensors", real)
     assert not [p for p in os.listdir(os.path.join(engine.run_dir, checkpoint.DIR)) if p.endswith(".tmp")]
@@ -392,7 +499,9 @@ def test_two_runs_started_in_the_same_second_get_their_own_directories(tmp_path)
     from decaf_lora.rundir import new_run_dir
 
     made = []
-    threads = [threading.Thread(target=lambda: made.append(new_run_dir(str(tmp_path), "x", "decaf", 0))) for _ in range(8)]
+    threads = [
+        threading.Thread(target=lambda: made.append(new_run_dir(str(tmp_path), "x", "decaf", 0))) for _ in range(8)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -426,7 +535,12 @@ def test_run_files_plots_and_exports_get_ordinary_permissions(runs, tmp_path):
     from decaf_lora.rundir import FILE_MODE
 
     run_dir = pathlib_of(runs["finished"])
-    files = [run_dir / "metrics.jsonl", run_dir / "summary.json", run_dir / "adapters.safetensors", run_dir / "plots" / "training.png"]
+    files = [
+        run_dir / "metrics.jsonl",
+        run_dir / "summary.json",
+        run_dir / "adapters.safetensors",
+        run_dir / "plots" / "training.png",
+    ]
     out = tmp_path / "adapter"
     assert cli("export", run_dir, "--agent", "0", "--out", out).exit_code == 0
     files += [out / "adapter_model.safetensors", out / "decaf_export.json"]

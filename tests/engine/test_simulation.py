@@ -183,3 +183,22 @@ def test_a_blown_up_loss_is_warned_in_the_log_and_the_summary_even_if_it_comes_b
     calm = run(cfg_for(tmp_path), task=digits_task(), write=False)
     assert calm.summary["warnings"] == []
     assert all(m["train_loss_start"] is not None for m in calm.metrics)
+
+
+def test_agents_holding_the_same_adapter_are_evaluated_on_the_shared_test_set_once(tmp_path, monkeypatch):
+    """Under FedAvg every agent holds one model after the mix: the shared test set is evaluated once per round
+    (evaluation is deterministic), each agent's own held-out examples still separately."""
+    engine = make_engine(load_config(cfg_for(tmp_path, algorithm="fedavg", rounds=1)), task=digits_task(), write=False, progress=False)
+    sizes = []
+    real = engine.task.evaluate
+
+    def counting(model, indices, batch_size, device):
+        sizes.append(len(indices))
+        return real(model, indices, batch_size, device)
+
+    monkeypatch.setattr(engine.task, "evaluate", counting)
+    rows = engine.run_round(0)
+    assert sizes.count(len(engine.split.test)) == 1 and len(sizes) == 1 + 4
+    assert len({r["eval_accuracy"] for r in rows}) == 1
+    local = run(cfg_for(tmp_path, algorithm="local", rounds=1), task=digits_task(), write=False).metrics
+    assert len({r["eval_accuracy"] for r in local}) > 1  # different adapters: each evaluated

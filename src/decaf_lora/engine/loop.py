@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..adapters import AgentStates
 from ..algorithms import REDUCTIONS, LayerContext, MixingPlan
 from ..config import dump_config
 from ..errors import DecafError
@@ -307,9 +308,10 @@ class Engine:
         consensus = self.consensus()
         evals, t_eval = {a: {} for a in own}, {a: 0.0 for a in own}
         if (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.rounds:
+            seen: dict[str, dict] = {}  # adapter digest -> its shared-test metrics, evaluated once per round
             for a in own:
                 t0 = time.perf_counter()
-                evals[a] = self.evaluate_agent(a)
+                evals[a] = self.evaluate_agent(a, seen)
                 t_eval[a] = time.perf_counter() - t0
         rows = []
         for a in own:
@@ -382,93 +384,46 @@ class Engine:
             self.model.train(was_training)
         return [torch.stack(x) for x in out]
 
-    @torch.no_grad()
-    def mix_own(
-        self,
-        t: int,
-        W: np.ndarray,
-        received: dict[int, list[torch.Tensor]],
-        spec: PayloadSpec,
-        start=None,
-        activations=None,
-    ) -> dict[str, dict[int, float]]:
-        """Mix every own agent, layer by layer, with its own factors and the payloads it received.
-
-        The stacked inputs are the own agents (their true current state) followed by every received sender (the
-        decoded payload, exactly what crossed the wire); a part the sender did not send is NaN. Row i of the mix
-        puts ``W[i, i]`` on agent i's own column and ``W[i, j]`` on sender j's received column.
-        """
-        st, algo, own = self.states, self.algorithm, self.own
-        dev = st.A[0].device
-        senders = sorted(received)
-        theirs = W[np.ix_(own, senders)].copy()
-        theirs[np.array(own)[:, None] == np.array(senders, dtype=np.int64)[None, :]] = 0  # i's own column is its own
-        rows = torch.from_numpy(np.concatenate([np.diag(W[own, own]), theirs], axis=1)).to(dev)
-        self_index = torch.arange(len(own), device=dev)
-        own_t, own_cpu = torch.tensor(own, device=dev), torch.tensor(own)
-        inputs = torch.tensor(own + senders, device=dev)
-        index = {(e.part, e.where): k for k, e in enumerate(spec.entries)}
-        nan = float("nan")
-
-        def stacked(part: str, where, own_rows: torch.Tensor) -> torch.Tensor:
-            k = index.get((part, where))
-            if k is None:
-                theirs = [torch.full_like(own_rows[0], nan)] * len(senders)
-            else:
-                theirs = [received[j][k].to(dev).to(own_rows.dtype) for j in senders]
-            return torch.cat([own_rows, torch.stack(theirs)]) if senders else own_rows
-
-        totals: dict[str, torch.Tensor] = {}
-        for l, layer in enumerate(st.layers):
-            E_in = stacked("E", l, st.E[l][own_t]) if st.E is not None else None
-            ctx = LayerContext(
-                layer=l,
-                name=layer.name,
-                scale=layer.scale,
-                agents=own_t,
-                inputs=inputs,
-                start_A=start["A"][l] if start else None,
-                start_B=start["B"][l] if start else None,
-                activations=activations[l] if activations is not None else None,
-                E=E_in,
-                state={k: v[own_t] for k, v in self.algo_state[l].items()},
-            )
-            ranks = st.ranks[l][own_cpu].to(dev) if self.heterogeneous else None
-            out = algo.mix(
-                stacked("A", l, st.A[l][own_t]),
-                stacked("B", l, st.B[l][own_t]),
-                rows,
-                round_=t,
-                self_index=self_index,
-                ranks=ranks,
-                context=ctx,
-            )
-            if out.ranks is not None:
-                st.ranks[l][own_cpu] = out.ranks.to(st.ranks[l].dtype).cpu()
-            st.A[l][own_t] = out.A.to(st.A[l].dtype)
-            st.B[l][own_t] = out.B.to(st.B[l].dtype)
-            if self.heterogeneous or out.ranks is not None:
-                keep = torch.arange(st.A[l].shape[1], device=dev)[None, :] < st.ranks[l][own_cpu].to(dev)[:, None]
-                st.B[l][own_t] = st.B[l][own_t] * keep[:, None, :]
-                st.A[l][own_t] = st.A[l][own_t] * keep[:, :, None]
-            if out.E is not None:
-                st.E[l][own_t] = out.E.to(st.E[l].dtype)
-            for k, v in (out.state or {}).items():
-                self.algo_state[l][k][own_t] = v.to(self.algo_state[l][k].dtype)
-            reduce_stats(totals, out.stats, algo.stats, algo.name)
-        if "head" in spec.parts:
-            for name, h in st.H.items():
-                h[own_t] = torch.einsum("ij,j...->i...", rows.to(h.dtype), stacked("head", name, h[own_t]))
-        for key, rule in algo.stats.items():
-            if key in totals and rule == "rss":
-                totals[key] = totals[key].sqrt()
-        return {k: dict(zip(own, v.tolist())) for k, v in totals.items()}
+    def mix_own(self, t, W, received, spec, start=None, activations=None) -> dict[str, dict[int, float]]:
+        """Mix every own agent with its own factors and the payloads it received (see :func:`mix_agents`)."""
+        return mix_agents(
+            self.algorithm,
+            self.states,
+            self.algo_state,
+            self.own,
+            self.own,
+            t,
+            W,
+            received,
+            spec,
+            start=start,
+            activations=activations,
+            heterogeneous=self.heterogeneous,
+        )
 
     # ----------------------------------------------------------------------------------------- evaluation
-    def evaluate_agent(self, agent: int) -> dict:
+    def adapter_digest(self, agent: int) -> str:
+        """A digest of everything that decides ``agent``'s model: agents with equal digests predict alike."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for t in self.states.state_dict().values():
+            h.update(t[agent].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    def evaluate_agent(self, agent: int, seen: dict | None = None) -> dict:
+        """Shared-test and own held-out metrics of one agent. Agents holding the very same adapter (a server method
+        gives every present agent one model) reuse the shared-test result through ``seen``: evaluation is
+        deterministic, so it would only repeat itself; each agent's own held-out examples are still evaluated."""
         self.states.load(agent)
         bs = self.cfg.task.eval_batch_size
-        shared = self.task.evaluate(self.model, self.split.test, bs, self.device)
+        key = self.adapter_digest(agent) if seen is not None else None
+        if key is not None and key in seen:
+            shared = seen[key]
+        else:
+            shared = self.task.evaluate(self.model, self.split.test, bs, self.device)
+            if key is not None:
+                seen[key] = shared
         local = self.task.evaluate(self.model, self.split.local_eval[agent], bs, self.device)
         out = {"eval_loss": shared["loss"], "eval_accuracy": shared["accuracy"], "eval_f1": shared["f1"]}
         if local:
@@ -537,12 +492,17 @@ class Engine:
     def divergence_warnings(self) -> list[str]:
         """A blown-up loss, judged against the untrained model's own loss (the first step of round 1): any round whose
         mean training loss is ten times that, even if training later wandered back to chance level."""
-        start = [m["train_loss_start"] for m in self.metrics if m["round"] == 1 and m.get("train_loss_start") is not None]
+        start = [
+            m["train_loss_start"] for m in self.metrics if m["round"] == 1 and m.get("train_loss_start") is not None
+        ]
         if not start:
             return []
         reference = max(float(np.mean(start)), 1e-12)
         rounds = sorted({m["round"] for m in self.metrics})
-        means = {t: [m["train_loss"] for m in self.metrics if m["round"] == t and m["train_loss"] is not None] for t in rounds}
+        means = {
+            t: [m["train_loss"] for m in self.metrics if m["round"] == t and m["train_loss"] is not None]
+            for t in rounds
+        }
         worst = max(((float(np.mean(v)), t) for t, v in means.items() if v), default=(0.0, 0))
         if worst[0] <= 10 * reference:
             return []
@@ -591,3 +551,105 @@ class Engine:
             "adapter_bytes": self.states.adapter_bytes(),
             "warnings": warnings,
         }
+
+
+@torch.no_grad()
+def mix_agents(
+    algo,
+    st: AgentStates,
+    algo_state: list[dict[str, torch.Tensor]],
+    agents: list[int],
+    slots: list[int],
+    t: int,
+    W: np.ndarray,
+    received: dict[int, list[torch.Tensor]],
+    spec: PayloadSpec,
+    *,
+    start=None,
+    activations=None,
+    heterogeneous: bool = False,
+) -> dict[str, dict[int, float]]:
+    """Mix ``agents`` (global ids, held in rows ``slots`` of the stacked states ``st`` and of ``algo_state``), layer
+    by layer, with their own factors and the payloads they received; returns the declared statistics per agent.
+
+    The stacked inputs are the own agents (their true current state) and every received sender (the decoded
+    payload, exactly what crossed the wire), ordered by agent id, so every engine sums in the same order. A part the
+    sender did not send is NaN in its copy. A copy that carries every factor part and equals the sender's own state
+    byte for byte (a healthy own neighbour) shares that agent's column instead: the same values, one input fewer, and
+    rows that weigh the same agents alike (a server plan) give bitwise-identical results. Row i puts ``W[i, j]`` on
+    sender j's column and ``W[i, i]`` on agent i's own. Both engines and the one-agent API
+    (:class:`decaf_lora.gossip.Gossip`) mix through here.
+    """
+    dev = st.A[0].device
+    slot_of = dict(zip(agents, slots))
+    complete = {"A", "B"} <= spec.parts and (st.E is None or "E" in spec.parts)
+
+    def same_as_state(j: int) -> bool:
+        return all(torch.equal(a.to(b.device), b) for a, b in zip(received[j], spec.pack(st, slot_of[j])))
+
+    shared = {j for j in received if j in slot_of and complete and same_as_state(j)}
+    copies = sorted(j for j in received if j not in shared)
+    columns = sorted([(a, 0) for a in agents] + [(j, 1) for j in copies])
+    own_col = {a: k for k, (a, kind) in enumerate(columns) if kind == 0}
+    copy_col = {j: k for k, (j, kind) in enumerate(columns) if kind == 1}
+    rows_np = np.zeros((len(agents), len(columns)))
+    for ii, i in enumerate(agents):
+        for j in np.nonzero(W[i])[0]:
+            j = int(j)
+            rows_np[ii, own_col[i] if j == i else copy_col.get(j, own_col.get(j))] = W[i, j]
+    rows = torch.from_numpy(rows_np).to(dev)
+    self_index = torch.tensor([own_col[i] for i in agents], device=dev)
+    slot_t, slot_cpu = torch.tensor(slots, device=dev), torch.tensor(slots)
+    agents_t, inputs = torch.tensor(agents, device=dev), torch.tensor([a for a, _ in columns], device=dev)
+    index = {(e.part, e.where): k for k, e in enumerate(spec.entries)}
+
+    def stacked(part: str, where, own_rows: torch.Tensor) -> torch.Tensor:
+        k = index.get((part, where))
+        by_agent = dict(zip(agents, own_rows))
+        out = []
+        for a, kind in columns:
+            if kind == 0:
+                out.append(by_agent[a])
+            elif k is None:
+                out.append(torch.full_like(own_rows[0], float("nan")))
+            else:
+                out.append(received[a][k].to(dev).to(own_rows.dtype))
+        return torch.stack(out)
+
+    totals: dict[str, torch.Tensor] = {}
+    for l, layer in enumerate(st.layers):
+        ctx = LayerContext(
+            layer=l,
+            name=layer.name,
+            scale=layer.scale,
+            agents=agents_t,
+            inputs=inputs,
+            start_A=start["A"][l] if start else None,
+            start_B=start["B"][l] if start else None,
+            activations=activations[l] if activations is not None else None,
+            E=stacked("E", l, st.E[l][slot_t]) if st.E is not None else None,
+            state={k: v[slot_t] for k, v in algo_state[l].items()},
+        )
+        ranks = st.ranks[l][slot_cpu].to(dev) if heterogeneous else None
+        A_in, B_in = stacked("A", l, st.A[l][slot_t]), stacked("B", l, st.B[l][slot_t])
+        out = algo.mix(A_in, B_in, rows, round_=t, self_index=self_index, ranks=ranks, context=ctx)
+        if out.ranks is not None:
+            st.ranks[l][slot_cpu] = out.ranks.to(st.ranks[l].dtype).cpu()
+        st.A[l][slot_t] = out.A.to(st.A[l].dtype)
+        st.B[l][slot_t] = out.B.to(st.B[l].dtype)
+        if heterogeneous or out.ranks is not None:
+            keep = torch.arange(st.A[l].shape[1], device=dev)[None, :] < st.ranks[l][slot_cpu].to(dev)[:, None]
+            st.B[l][slot_t] = st.B[l][slot_t] * keep[:, None, :]
+            st.A[l][slot_t] = st.A[l][slot_t] * keep[:, :, None]
+        if out.E is not None:
+            st.E[l][slot_t] = out.E.to(st.E[l].dtype)
+        for k, v in (out.state or {}).items():
+            algo_state[l][k][slot_t] = v.to(algo_state[l][k].dtype).to(algo_state[l][k].device)
+        reduce_stats(totals, out.stats, algo.stats, algo.name)
+    if "head" in spec.parts:
+        for name, h in st.H.items():
+            h[slot_t] = torch.einsum("ij,j...->i...", rows.to(h.dtype), stacked("head", name, h[slot_t]))
+    for key, rule in algo.stats.items():
+        if key in totals and rule == "rss":
+            totals[key] = totals[key].sqrt()
+    return {k: dict(zip(agents, v.tolist())) for k, v in totals.items()}

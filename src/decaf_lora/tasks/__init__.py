@@ -11,8 +11,9 @@ from __future__ import annotations
 from ..config import ConfigError, RunConfig
 from ..data import load_examples
 from ..registry import TASKS
-from .base import Task, macro_f1, model_problems
+from .base import Task, macro_f1
 from .causal_lm import CausalLM
+from .checks import model_problems
 from .clip import ClipFewShot
 from .module import ModuleTask
 from .text import TextClassification
