@@ -120,3 +120,20 @@ def cfg_for(tmp_path, **kw):
     for k, v in kw.items():
         base[k] = v
     return base
+
+
+#: Extra settings a method needs to show its distinctive path in a short run (heterogeneous ranks, pruning, ...).
+METHOD_EXTRAS = {
+    "hetlora": {"lora": {"rank": 4, "ranks": [2, 4], "dropout": 0.1}, "algorithm_options": {"prune": True}},
+    "tad-lora": {"topology": {"name": "ring"}},
+}
+
+
+def method_config(out_dir, algorithm, **kw):
+    """A 3-round digits run of one method with LoRA dropout (the RNG matters), evaluated at the end."""
+    base = cfg_for(
+        out_dir, algorithm=algorithm, rounds=3, local_steps=3, eval_every=3, lora={"rank": 2, "dropout": 0.1}
+    )
+    base.update(METHOD_EXTRAS.get(algorithm, {}))
+    base.update(kw)
+    return base

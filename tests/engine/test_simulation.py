@@ -188,7 +188,8 @@ def test_a_blown_up_loss_is_warned_in_the_log_and_the_summary_even_if_it_comes_b
 def test_agents_holding_the_same_adapter_are_evaluated_on_the_shared_test_set_once(tmp_path, monkeypatch):
     """Under FedAvg every agent holds one model after the mix: the shared test set is evaluated once per round
     (evaluation is deterministic), each agent's own held-out examples still separately."""
-    engine = make_engine(load_config(cfg_for(tmp_path, algorithm="fedavg", rounds=1)), task=digits_task(), write=False, progress=False)
+    cfg = load_config(cfg_for(tmp_path, algorithm="fedavg", rounds=1))
+    engine = make_engine(cfg, task=digits_task(), write=False, progress=False)
     sizes = []
     real = engine.task.evaluate
 

@@ -77,6 +77,7 @@ def join_process_group(cfg: RunConfig) -> Transport:
         raise ConfigError(["engine=distributed needs a PyTorch build with torch.distributed."])
     use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
     timeout = datetime.timedelta(seconds=cfg.faults.collective_timeout)
+    owns_group = not dist.is_initialized()  # a group the caller made is the caller's to destroy
     store = init_default_group("nccl" if use_cuda else "gloo", timeout)
     device = torch.device("cpu")
     if use_cuda:
@@ -89,7 +90,13 @@ def join_process_group(cfg: RunConfig) -> Transport:
         raise ConfigError(
             [f"torchrun started {world} processes but agents={cfg.agents}; use at most one process per agent."]
         )
-    return Transport(dist.PrefixStore("exchange", store), rank, world, device, cfg.faults.timeout)
+    global _RUNS
+    _RUNS += 1  # every process counts its runs alike, so several runs in one group never share handshake keys
+    prefixed = dist.PrefixStore(f"exchange-{_RUNS}", store)
+    return Transport(prefixed, rank, world, device, cfg.faults.timeout, owns_group=owns_group)
+
+
+_RUNS = 0
 
 
 def choose_run_dir(cfg: RunConfig, algorithm: str, given: str | None, resume: bool, env) -> dict:
@@ -218,7 +225,7 @@ class DistributedEngine(Engine):
             self.transport.barrier()  # nobody leaves while process 0 still writes the report
         finally:
             dist = _dist()
-            if dist.is_initialized():
+            if dist.is_initialized() and self.transport.owns_group:
                 dist.destroy_process_group()
         return result
 

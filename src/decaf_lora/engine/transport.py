@@ -37,8 +37,12 @@ class Recv:
 
 
 class Transport:
-    def __init__(self, store, rank: int, world: int, device: torch.device, timeout: float):
+    """One process's end: its store (for the deadline handshake), rank, world size and device. ``owns_group``:
+    whether the process group was created for this run (and is destroyed after it) or lent by the caller."""
+
+    def __init__(self, store, rank: int, world: int, device: torch.device, timeout: float, owns_group: bool = True):
         self.store, self.rank, self.world, self.device, self.timeout = store, rank, world, device, timeout
+        self.owns_group = owns_group
 
     # ------------------------------------------------------------------------------------------- point to point
     def late_peers(self, round_: int, peers: set[int]) -> set[int]:
