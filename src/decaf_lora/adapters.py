@@ -17,6 +17,7 @@ from torch import nn
 
 from .config import ConfigError
 from .errors import DecafError
+from .lowrank import mask_ranks
 
 ADAPTER = "default"
 
@@ -144,7 +145,12 @@ class AgentStates:
     """
 
     def __init__(
-        self, peft_model: nn.Module, n_agents: int, ranks: list[int] | None = None, base_correction: bool = False
+        self,
+        peft_model: nn.Module,
+        n_agents: int,
+        ranks: list[int] | None = None,
+        base_correction: bool = False,
+        variable_ranks: bool = False,
     ):
         self.model = peft_model
         self.layers = adapted_layers(peft_model)
@@ -152,6 +158,8 @@ class AgentStates:
         if not self.layers:
             raise ConfigError(["lora.targets adapted no layer of the model; name linear modules such as query, value."])
         self.n_agents = n_agents
+        #: agents' ranks may differ (configured per agent, or changed by the method): payloads then say theirs
+        self.variable_ranks = bool(ranks) or variable_ranks
         width = self.layers[0].A.shape[0]
         per_agent = torch.tensor(ranks if ranks is not None else [width] * n_agents, dtype=torch.long)
         self.ranks = [per_agent.clone() for _ in self.layers]
@@ -161,7 +169,7 @@ class AgentStates:
             self.H = {n: p.detach().unsqueeze(0).repeat(n_agents, *([1] * p.ndim)) for n, p in self.heads.items()}
             if ranks is not None:  # every agent starts from the common A, cut to its own rank
                 for l in range(len(self.layers)):
-                    self.B[l], self.A[l] = mask_to_ranks(self.B[l], self.A[l], self.ranks[l])
+                    self.B[l], self.A[l] = mask_ranks(self.B[l], self.A[l], self.ranks[l])
         self.E: list[torch.Tensor] | None = None
         self._current = 0
         if base_correction:
@@ -265,19 +273,18 @@ class AgentStates:
             out = out + self.E[layer][rows].float()
         return out
 
-    def consensus_distance(self) -> torch.Tensor:
-        """Per agent: sum over layers of ``||s B_i A_i - mean_j s B_j A_j||_F``."""
-        total = torch.zeros(self.n_agents)
+    def consensus_distance(self, agents=None, sum_over_all=None) -> torch.Tensor:
+        """Per agent of ``agents`` (default: all): sum over layers of ``||s B_i A_i (+ E_i) - mean_j (...)||_F``, the
+        mean taken over every agent of the network. ``sum_over_all`` turns the sum of these agents' products into the
+        network's (a distributed process all-reduces it); both engines compute it here, so they round alike."""
+        rows = list(range(self.n_agents)) if agents is None else list(agents)
+        index = torch.tensor(rows, device=self.A[0].device)
+        total = torch.zeros(len(rows), dtype=torch.float64)
         for l in range(len(self.layers)):
-            prod = self.products(l)
-            total += torch.linalg.matrix_norm(prod - prod.mean(0, keepdim=True)).cpu()
+            prod = self.products(l, index)
+            summed = prod.sum(0) if sum_over_all is None else sum_over_all(prod.sum(0))
+            total += torch.linalg.matrix_norm(prod - summed / self.n_agents).double().cpu()
         return total
-
-
-def mask_to_ranks(B: torch.Tensor, A: torch.Tensor, ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero the columns of B (agents, d, r) and rows of A (agents, r, k) beyond each agent's rank."""
-    keep = torch.arange(B.shape[-1], device=B.device)[None, :] < ranks.to(B.device)[:, None]
-    return B * keep[:, None, :], A * keep[:, :, None]
 
 
 def consensus_state(stacked: dict[str, torch.Tensor], weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

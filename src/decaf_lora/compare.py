@@ -53,7 +53,7 @@ def compare(
         config = config.to_dict()
     overrides = list(overrides)
     base = load_config(config, overrides)  # validates once, before any training
-    out_dir = fresh_dir(base.out_dir, f"compare-{base.name}")
+    out_dir, leader = _output_dir(base)
     summaries, dirs = [], {}
     for seed in range(seeds):
         for algo in names:
@@ -66,11 +66,25 @@ def compare(
             summaries.append(res.summary)
             dirs.setdefault(res.summary["algorithm"], []).append(res.run_dir)
     table = compare_table(summaries)
-    title = f"# {base.name}: comparison over {seeds} seed(s)\n\n{table}\n\n![accuracy](compare.png)\n"
-    write_text(os.path.join(out_dir, "compare.md"), title)
-    write_json(os.path.join(out_dir, "compare.json"), {"summaries": summaries, "runs": dirs})
-    plot_compare(dirs, os.path.join(out_dir, "compare.png"))
+    if leader:
+        title = f"# {base.name}: comparison over {seeds} seed(s)\n\n{table}\n\n![accuracy](compare.png)\n"
+        write_text(os.path.join(out_dir, "compare.md"), title)
+        write_json(os.path.join(out_dir, "compare.json"), {"summaries": summaries, "runs": dirs})
+        plot_compare(dirs, os.path.join(out_dir, "compare.png"))
     return {"dir": out_dir, "table": table, "summaries": summaries}
+
+
+def _output_dir(base) -> tuple[str, bool]:
+    """The comparison's directory and whether this process writes its files: under a multi-process torchrun, process 0
+    creates it and every process learns its name (each would otherwise make one of its own)."""
+    from .engine import resolve_engine
+    from .engine.distributed import join_process_group
+
+    if resolve_engine(base) != "distributed":
+        return fresh_dir(base.out_dir, f"compare-{base.name}"), True
+    transport = join_process_group(base)
+    made = fresh_dir(base.out_dir, f"compare-{base.name}") if transport.rank == 0 else None
+    return transport.broadcast_json(made), transport.rank == 0
 
 
 def run_comparison(path: str | None, overrides: list[str], algos: list[str], seeds: int, progress: bool = True) -> dict:

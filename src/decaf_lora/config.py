@@ -544,11 +544,6 @@ def _cross_field_problems(cfg: RunConfig, bad: set[str]) -> list[str]:
             f"faults.poison_agent={cfg.faults.poison_agent} is out of range; use -1 (nobody) or an agent from 0 to "
             f"{cfg.agents - 1}."
         )
-    if cfg.faults.slow_rank >= 0 and cfg.engine == "simulation":
-        p.append(
-            f"faults.slow_rank={cfg.faults.slow_rank} delays a torchrun process; use it with engine=distributed, or "
-            "set it to -1."
-        )
     if cfg.partition.scheme == "natural" and not cfg.partition.key:
         p.append("partition.scheme=natural needs partition.key, the column holding the natural key (e.g. user).")
     if "topology.link_drop" not in bad and cfg.topology.link_drop > 0 and cfg.topology.schedule != "link-failures":
@@ -580,6 +575,23 @@ def _rank_problems(cfg: RunConfig, bad: set[str]) -> list[str]:
                 f"{', '.join(able)}, or drop lora.ranks."
             )
     return p
+
+
+#: Settings that may differ when a run resumes: where it executes, never what it computes.
+PLACEMENT = ("device", "engine")
+
+
+def config_differences(a: dict, b: dict, ignore=PLACEMENT, prefix: str = "") -> list[str]:
+    """``"field: x in the run, y now"`` for every leaf that differs between two configs (as dicts)."""
+    out = []
+    for k in a:
+        if prefix + k in ignore or k in ignore and not prefix:
+            continue
+        if isinstance(a[k], dict) and isinstance(b.get(k), dict) and k not in ("algorithm_options", "params"):
+            out += config_differences(a[k], b[k], ignore, f"{prefix}{k}.")
+        elif a[k] != b.get(k):
+            out.append(f"{prefix}{k}: {a[k]!r} in the run, {b.get(k)!r} now")
+    return out
 
 
 def dump_config(cfg: RunConfig) -> str:

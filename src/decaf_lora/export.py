@@ -25,7 +25,7 @@ import torch
 from .adapters import ADAPTER, adapted_layers, agent_state, consensus_state, head_parameters
 from .config import load_config
 from .errors import DecafError
-from .rundir import FILE_MODE, check_run_dir, file_digest, load_tensors, read_identity, write_json
+from .rundir import _UMASK, FILE_MODE, check_run_dir, load_tensors, verified_identity, write_json
 
 MARKER = "decaf_export.json"
 EXPORT_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md", MARKER}
@@ -36,13 +36,8 @@ def read_run_adapters(run_dir: str):
     from safetensors import safe_open
 
     check_run_dir(run_dir, ("config.yaml", "adapters.safetensors"))
-    identity = read_identity(run_dir)
+    identity = verified_identity(run_dir)
     config_path = os.path.join(run_dir, "config.yaml")
-    if identity is None or file_digest(config_path) != identity["config_sha256"]:
-        raise DecafError(
-            f"{config_path!r} does not match the run's identity (run.json missing, or the config was changed after "
-            "the run); export only what a run wrote, unchanged."
-        )
     path = os.path.join(run_dir, "adapters.safetensors")
     tensors = load_tensors(path)
     from .engine.checkpoint import tensors_digest
@@ -186,7 +181,7 @@ def _move_into_place(model, out_dir: str, marker: dict, overwrite: bool) -> str:
         write_json(os.path.join(tmp, MARKER), marker)
         for name in os.listdir(tmp):  # ordinary permissions, whatever the writers of PEFT's files chose
             os.chmod(os.path.join(tmp, name), FILE_MODE)
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~_UMASK)
         if os.path.isdir(target) and os.listdir(target):  # a previous export, checked by check_out_dir
             old = tempfile.mkdtemp(dir=parent, prefix=".export-old-")
             os.rmdir(old)
@@ -202,7 +197,3 @@ def _move_into_place(model, out_dir: str, marker: dict, overwrite: bool) -> str:
     if old:
         shutil.rmtree(old, ignore_errors=True)
     return out_dir
-
-
-def _umask() -> int:
-    return 0o666 & ~FILE_MODE

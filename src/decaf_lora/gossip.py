@@ -393,7 +393,9 @@ class Gossip:
             payloads = {me: outgoing(spec, spec.pack(st, 0), None)} if len(plan.receivers(me)) else {}
             owner = np.arange(self.world)
             if plan.server:
-                ex = gathered(self.transport, plan, spec, [me], payloads, self.max_norm)
+                ex = gathered(
+                    self.transport, plan, spec, [me], payloads, self.max_norm, lambda i: spec.wire_nbytes(st, 0)
+                )
             else:
                 n = self._exchanges
                 ex = point_to_point(self.transport, n, plan, spec, [me], owner, payloads, self.max_norm)

@@ -200,6 +200,24 @@ def read_identity(run_dir: str) -> dict | None:
     return identity
 
 
+def verified_identity(run_dir: str) -> dict:
+    """The run's identity, after checking that ``config.yaml`` is exactly what the run started with: everything that
+    reads a run (resume, export) trusts the config only through this."""
+    identity = read_identity(run_dir)
+    if identity is None:
+        raise DecafError(
+            f"{run_dir!r} has no run.json, so it cannot be proven to be a run of this decaf-lora (an older version "
+            "wrote it, or it is not a run); start a new run."
+        )
+    config = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(config) or file_digest(config) != identity["config_sha256"]:
+        raise DecafError(
+            f"{config!r} was changed after the run started (its digest differs from run.json's); restore it, or "
+            "start a new run."
+        )
+    return identity
+
+
 def check_run_dir(run_dir: str, need: tuple[str, ...] = ("config.yaml", "metrics.jsonl")) -> str:
     """A finished or running run directory, or one clear error."""
     if not os.path.isdir(run_dir):

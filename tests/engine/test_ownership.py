@@ -32,12 +32,21 @@ def test_a_restart_never_takes_over_another_experiment(tmp_path, change):
     cfg = load_config(cfg_for(tmp_path))
     path = os.path.join(str(tmp_path), "demo-decaf-s0-exp1")
     os.makedirs(path)
+    (tmp_path / "demo-decaf-s0-exp1" / "notes.txt").write_text("someone's")
     if change != "no identity":
         other = load_config(cfg_for(tmp_path, rounds=99)) if change == "another config" else cfg
         write_identity(path, dump_config(other), torchelastic_run_id="exp1" if change != "another run id" else "exp0")
     env = {"TORCHELASTIC_RUN_ID": "exp1", "TORCHELASTIC_RESTART_COUNT": "1"}
     got = choose_run_dir(cfg, "decaf", None, False, env)
     assert "already holds another experiment" in got["error"]
+
+
+def test_a_restart_takes_back_the_empty_directory_a_crash_left(tmp_path):
+    cfg = load_config(cfg_for(tmp_path))
+    path = os.path.join(str(tmp_path), "demo-decaf-s0-exp1")
+    os.makedirs(path)  # made, then killed before run.json
+    env = {"TORCHELASTIC_RUN_ID": "exp1", "TORCHELASTIC_RESTART_COUNT": "1"}
+    assert choose_run_dir(cfg, "decaf", None, False, env) == {"path": path, "resume": False}
 
 
 def test_a_restart_without_a_run_id_refuses_to_guess(tmp_path):

@@ -303,6 +303,13 @@ CASES = [
         RESUME,
         "summary.json' is not a run summary",
     ),
+    (
+        "summary edited",
+        "finished",
+        edit_text("summary.json", lambda t: t.replace('"mean": 0.', '"mean": 0.9', 1)),
+        RESUME,
+        "summary.json' does not match the run's verified checkpoint and metrics",
+    ),
     ("report of an unfinished run", "stopped", None, REPORT, "lacks summary.json"),
     ("report with metrics truncated", "finished", truncate("metrics.jsonl", -15), REPORT, "metrics.jsonl' line"),
     (
@@ -326,7 +333,7 @@ CASES = [
         "finished",
         edit_text("config.yaml", lambda t: t + "\n# note\n"),
         EXPORT,
-        "does not match the run's identity",
+        "config.yaml' was changed after the run started",
     ),
 ]
 

@@ -38,7 +38,7 @@ import torch
 
 from ..config import check_fields
 from ..errors import ShapeError
-from ..lowrank import compute_dtype_for
+from ..lowrank import compute_dtype_for, mask_ranks  # noqa: F401 - mask_ranks is part of this interface
 
 FACTORS = ("A", "B")
 #: Everything an agent may send or train: the two factors, a dense base correction of the frozen weight, the head.
@@ -152,6 +152,12 @@ class Algorithm(abc.ABC):
         if problems:
             raise ShapeError(" ".join(problems))
 
+    @property
+    def changes_ranks(self) -> bool:
+        """Whether ``mix`` may return new ranks (``MixOutput.ranks``): then agents' ranks can differ from round to
+        round, and every payload says what rank it carries."""
+        return False
+
     def setup(self, facts: RunFacts) -> None:
         """Called once by the engine before the first round (and again on resume) with the run's facts."""
         self.facts = facts
@@ -258,11 +264,3 @@ def check_ranks(ranks, n_out: int, r: int, device) -> torch.Tensor | None:
     if rk.numel() != n_out or bool(((rk < 1) | (rk > r)).any()):
         raise ShapeError(f"ranks must give each of the {n_out} output agents a rank in 1..{r} (the padded rank).")
     return rk
-
-
-def mask_ranks(B: torch.Tensor, A: torch.Tensor, ranks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero the padded columns of B and rows of A beyond each agent's rank."""
-    if ranks is None:
-        return B, A
-    keep = torch.arange(B.shape[-1], device=B.device)[None, :] < ranks[:, None]  # (n, r)
-    return B * keep[:, None, :], A * keep[:, :, None]

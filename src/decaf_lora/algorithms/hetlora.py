@@ -113,6 +113,10 @@ class HetLoRA(Algorithm):
         0.9, "pruning keeps the first floor(gamma r) slots; the rest is the measured tail", gt=0, lt=1
     )
 
+    @property
+    def changes_ranks(self) -> bool:
+        return self.prune
+
     def init_state(self, layer: LayerInfo, n_agents: int) -> dict[str, torch.Tensor]:
         """With ``prune``: each agent's reference tail norm (none yet) and its rank at the start of the run."""
         if not self.prune:

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 
-from ..config import ConfigError, RunConfig, load_config
+import numpy as np
+
+from ..config import ConfigError, RunConfig, config_differences, load_config
 from ..errors import DecafError
 from ..registry import ENGINES
-from ..rundir import check_run_dir, file_digest, new_run_dir, read_identity, read_json, read_metrics
+from ..rundir import check_run_dir, new_run_dir, read_json, verified_identity
+from . import checkpoint
 from .build import Run, build_run
 from .distributed import DistributedEngine, join_process_group, launch_world_size, launched_by_torchrun
 from .loop import ROW_SCHEMA, Engine, RunResult
@@ -88,13 +91,12 @@ def make_engine(
     (it must not exist or be empty) or, with ``resume=True``, the run to continue. ``algorithm`` replaces the
     config's algorithm with an instance (e.g. a wrapper that adds diagnostics).
     """
-    if resolve_engine(cfg) == "distributed":
-        transport = join_process_group(cfg)
-        return DistributedEngine(
-            build_run(cfg, task, algorithm), transport, run_dir=run_dir, progress=progress, resume=resume
-        )
     if run_dir and not resume and os.path.isdir(run_dir) and os.listdir(run_dir):
         raise DecafError(f"run directory {run_dir!r} is not empty; give a new directory, or resume it with --resume.")
+    if resolve_engine(cfg) == "distributed":
+        transport = join_process_group(cfg)
+        run = build_run(cfg, task, algorithm, device=transport.device)
+        return DistributedEngine(run, transport, run_dir=run_dir, progress=progress, resume=resume, write=write)
     engine = Simulation(build_run(cfg, task, algorithm), progress=progress)
     if resume:
         engine.run_dir = run_dir
@@ -118,10 +120,6 @@ def run(config, task=None, progress: bool = False, overrides=(), write: bool = T
     return make_engine(cfg, task, algorithm=algorithm, progress=progress, write=write).run()
 
 
-#: Settings that may differ on resume: where the run executes, never what it computes.
-PLACEMENT = ("device", "engine")
-
-
 def resume(run_dir: str, overrides=(), task=None, progress: bool = False, algorithm=None) -> RunResult:
     """Continue a run from its newest complete, verified round; the result equals that of an uninterrupted run.
 
@@ -137,24 +135,10 @@ def resume(run_dir: str, overrides=(), task=None, progress: bool = False, algori
             f"{run_dir!r} holds no config.yaml: the run was stopped before it wrote anything, so there is nothing to "
             "resume; start it again with `decaf run`."
         )
-    identity = read_identity(run_dir)
-    if identity is None:
-        raise DecafError(
-            f"{run_dir!r} has no run.json, so it cannot be proven to be a run of this decaf-lora (an older version "
-            "wrote it, or it is not a run); start a new run."
-        )
-    if file_digest(config_path) != identity["config_sha256"]:
-        raise DecafError(
-            f"{config_path!r} was changed after the run started (its digest differs from run.json's); restore it, or "
-            "start a new run."
-        )
+    verified_identity(run_dir)
     stored = load_config(config_path)
     wanted = load_config(stored.to_dict(), overrides)
-    differ = [
-        f"{k}: {a!r} in the run, {b!r} now"
-        for k, a, b in _diff(stored.to_dict(), wanted.to_dict())
-        if k not in PLACEMENT
-    ]
+    differ = config_differences(stored.to_dict(), wanted.to_dict())
     if differ:
         raise ConfigError(
             [
@@ -163,16 +147,30 @@ def resume(run_dir: str, overrides=(), task=None, progress: bool = False, algori
             ]
         )
     if os.path.exists(os.path.join(run_dir, "summary.json")):
-        summary = read_json(os.path.join(run_dir, "summary.json"))
-        if not isinstance(summary, dict) or "final_accuracy" not in summary:
-            raise DecafError(f"{os.path.join(run_dir, 'summary.json')!r} is not a run summary; the file is damaged.")
-        return RunResult(run_dir, summary, read_metrics(run_dir))
+        return finished_result(run_dir, wanted)
     return make_engine(wanted, task, algorithm=algorithm, run_dir=run_dir, resume=True, progress=progress).run()
 
 
-def _diff(a: dict, b: dict, prefix: str = ""):
-    for k in a:
-        if isinstance(a[k], dict) and isinstance(b.get(k), dict) and k not in ("algorithm_options", "params"):
-            yield from _diff(a[k], b[k], f"{prefix}{k}.")
-        elif a[k] != b.get(k):
-            yield prefix + k, a[k], b.get(k)
+def finished_result(run_dir: str, cfg: RunConfig) -> RunResult:
+    """A finished run's result, believed only as far as it checks out: the last round's checkpoint and metrics are
+    verified, and the summary's headline accuracy must be the one those rows give."""
+    path = os.path.join(run_dir, "summary.json")
+    summary = read_json(path)
+    if not isinstance(summary, dict) or not isinstance(summary.get("final_accuracy"), dict):
+        raise DecafError(f"{path!r} is not a run summary; the file is damaged.")
+    found, rows = checkpoint.verified_history(run_dir, verified_identity(run_dir), cfg.agents)
+    final = [r.get("eval_accuracy") for r in rows if r["round"] == cfg.rounds]
+    fa = summary["final_accuracy"]
+    same = (
+        found is not None
+        and found.round == cfg.rounds
+        and len(final) == cfg.agents
+        and None not in final
+        and [fa.get("mean"), fa.get("min"), fa.get("max")] == [float(np.mean(final)), min(final), max(final)]
+    )
+    if not same:
+        raise DecafError(
+            f"{path!r} does not match the run's verified checkpoint and metrics; remove it and resume the run to "
+            "compute it again."
+        )
+    return RunResult(run_dir, summary, rows)

@@ -50,11 +50,12 @@ class Run:
         )
 
 
-def build_run(cfg: RunConfig, task=None, algorithm: Algorithm | None = None) -> Run:
+def build_run(cfg: RunConfig, task=None, algorithm: Algorithm | None = None, device: torch.device | None = None) -> Run:
     """Build every part of a run from ``cfg`` (``task``: a ready task such as a ModuleTask; ``algorithm``: an
-    instance to use instead of ``cfg.algorithm``'s, e.g. a wrapper that adds diagnostics)."""
+    instance to use instead of ``cfg.algorithm``'s, e.g. a wrapper that adds diagnostics; ``device``: where this
+    process computes, when the launcher decides it, e.g. a torchrun process's own GPU)."""
     validate_config(cfg)
-    device = resolve_device(cfg.device)
+    device = device if device is not None else resolve_device(cfg.device)
     if cfg.task.dtype == "float16" and device.type == "cpu":
         raise ConfigError(
             [
@@ -95,7 +96,9 @@ def build_run(cfg: RunConfig, task=None, algorithm: Algorithm | None = None) -> 
     )
     heads_in_float32(model)
     model = model.to(device)
-    states = AgentStates(model, cfg.agents, ranks=cfg.agent_ranks(), base_correction=algorithm.corrects_base)
+    states = AgentStates(
+        model, cfg.agents, cfg.agent_ranks(), algorithm.corrects_base, variable_ranks=algorithm.changes_ranks
+    )
     run = Run(cfg, device, task, split, topology, network, algorithm, model, states)
     ranks = cfg.agent_ranks()
     algorithm.setup(RunFacts(cfg.agents, network, tuple(ranks) if ranks else None, run.layers, cfg.seed))

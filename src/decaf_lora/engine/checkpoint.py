@@ -53,13 +53,15 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def metrics_digest(rows: list[dict]) -> str:
-    """Digest of metrics rows as they read back from ``metrics.jsonl`` (JSON round-trips floats exactly)."""
-    h = hashlib.sha256()
+def metrics_digest(rows: list[dict], running=None):
+    """Digest of metrics rows as they read back from ``metrics.jsonl`` (JSON round-trips floats exactly). Pass the
+    ``running`` hash of the rows before these to extend it (a round adds its rows, not the whole history again);
+    returns ``(hexdigest, hash)``."""
+    h = running.copy() if running is not None else hashlib.sha256()
     for row in rows:
         h.update(json.dumps(row, sort_keys=True).encode())
         h.update(b"\n")
-    return h.hexdigest()
+    return h.hexdigest(), h
 
 
 @dataclass
@@ -100,9 +102,11 @@ def save_shard(
             f"could not write checkpoint {path!r} ({exc.strerror or exc}); the run stopped after round {round_ - 1}, "
             f"which stays resumable: free space and continue with `decaf run --resume {run_dir}`."
         ) from None
-    for name in os.listdir(folder):  # rotation: only this process's own shards of older rounds
-        m = _NAME.match(name)
-        if m and int(m.group(2)) == rank and int(m.group(1)) <= round_ - KEEP_ROUNDS:
+    for name in os.listdir(folder):  # rotation: this process's own older shards; process 0 also those of another
+        m = _NAME.match(name)  # process count (a run resumed on fewer or more processes), which nobody else owns
+        mine = int(m.group(2)) == rank and int(m.group(3)) == world if m else False
+        earlier_world = rank == 0 and int(m.group(3)) != world if m else False
+        if m and (mine or earlier_world) and int(m.group(1)) <= round_ - KEEP_ROUNDS:
             try:
                 os.unlink(os.path.join(folder, name))
             except FileNotFoundError:
@@ -217,3 +221,29 @@ def verify_run_files(run_dir: str, meta: dict) -> None:
                 f"{path!r} was changed after round {meta['round']} finished (its digest differs from the "
                 "checkpoint's); restore it, or start a new run."
             )
+
+
+def verified_history(run_dir: str, identity: dict, n_agents: int) -> tuple[Resumable | None, list[dict]]:
+    """The newest complete round whose checkpoint, run files and metrics all check out, and the metrics rows up to it
+    (``None, []`` when no round finished). What a resume continues from, and what a finished run is judged by."""
+    from ..rundir import read_metrics
+
+    path = os.path.join(run_dir, "metrics.jsonl")
+    has_metrics = os.path.exists(path)
+    rows = read_metrics(run_dir) if has_metrics else []
+
+    def check_round(meta: dict) -> None:
+        if meta.get("run_id") != identity["run_id"]:
+            raise DecafError(f"the checkpoints in {run_dir!r} belong to another run (run id differs); start a new run.")
+        verify_run_files(run_dir, meta)
+        if not has_metrics:
+            raise DecafError(f"{path!r} is missing but round {meta['round']} finished; restore it, or start a new run.")
+        done = [r for r in rows if r["round"] <= meta["round"]]
+        if metrics_digest(done)[0] != meta.get("metrics_sha256"):
+            raise DecafError(
+                f"{path!r} does not hold the rows of rounds 1..{meta['round']} the run wrote (edited, emptied or "
+                "truncated); restore it, or start a new run."
+            )
+
+    found = latest_complete(run_dir, n_agents, check_round)
+    return found, [r for r in rows if found is not None and r["round"] <= found.round]

@@ -35,7 +35,7 @@ from ..payload import PayloadSpec
 from ..rundir import new_run_dir, read_identity
 from .build import Run
 from .loop import Engine, Exchange
-from .screening import RoundFaults, outgoing, screen
+from .screening import RoundFaults, outgoing
 from .transport import Recv, Send, Transport, pack_blob, unpack_blob
 
 
@@ -56,7 +56,12 @@ def launch_world_size() -> int:
 
 def init_default_group(backend: str, timeout: datetime.timedelta):
     """Initialize the default process group from torchrun's environment (or reuse one already initialized) and
-    return its store, where the exchange's deadline handshake keeps its keys."""
+    return its store, where the exchange's deadline handshake keeps its keys.
+
+    A group made here lives until the process exits: re-creating one through the same store would let a process read
+    the previous group's keys and move on while another waits forever, so several runs in one process (``decaf
+    compare`` under torchrun) share the group, each with its own exchange keys.
+    """
     dist = _dist()
     if not dist.is_initialized():
         store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
@@ -65,6 +70,9 @@ def init_default_group(backend: str, timeout: datetime.timedelta):
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         store = dist.PrefixStore(f"decaf-attempt-{attempt}", store)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        import atexit
+
+        atexit.register(lambda: dist.destroy_process_group() if dist.is_initialized() else None)
     else:
         store = dist.distributed_c10d._get_default_store()
     return store
@@ -77,14 +85,12 @@ def join_process_group(cfg: RunConfig) -> Transport:
         raise ConfigError(["engine=distributed needs a PyTorch build with torch.distributed."])
     use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
     timeout = datetime.timedelta(seconds=cfg.faults.collective_timeout)
-    owns_group = not dist.is_initialized()  # a group the caller made is the caller's to destroy
     store = init_default_group("nccl" if use_cuda else "gloo", timeout)
     device = torch.device("cpu")
-    if use_cuda:
+    if use_cuda:  # the local rank's GPU; the config keeps what the user asked for (device is placement)
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
-        cfg.device = f"cuda:{local}"
-        device = torch.device(cfg.device)
+        device = torch.device(f"cuda:{local}")
     rank, world = dist.get_rank(), dist.get_world_size()
     if world > cfg.agents:
         raise ConfigError(
@@ -93,7 +99,7 @@ def join_process_group(cfg: RunConfig) -> Transport:
     global _RUNS
     _RUNS += 1  # every process counts its runs alike, so several runs in one group never share handshake keys
     prefixed = dist.PrefixStore(f"exchange-{_RUNS}", store)
-    return Transport(prefixed, rank, world, device, cfg.faults.timeout, owns_group=owns_group)
+    return Transport(prefixed, rank, world, device, cfg.faults.timeout)
 
 
 _RUNS = 0
@@ -119,6 +125,8 @@ def choose_run_dir(cfg: RunConfig, algorithm: str, given: str | None, resume: bo
     if not os.path.isdir(path):
         os.makedirs(path)
         return {"path": path, "resume": False}
+    if not os.listdir(path):  # a crash between creating it and writing anything: still this job's, and empty
+        return {"path": path, "resume": False}
     identity = read_identity(path)
     digest = hashlib.sha256(dump_config(cfg).encode("utf-8")).hexdigest()
     if identity is None or identity.get("torchelastic_run_id") != run_id or identity["config_sha256"] != digest:
@@ -131,13 +139,22 @@ def choose_run_dir(cfg: RunConfig, algorithm: str, given: str | None, resume: bo
 
 class DistributedEngine(Engine):
     def __init__(
-        self, run: Run, transport: Transport, *, run_dir: str | None = None, progress: bool = True, resume: bool = False
+        self,
+        run: Run,
+        transport: Transport,
+        *,
+        run_dir: str | None = None,
+        progress: bool = True,
+        resume: bool = False,
+        write: bool = True,
     ):
         self.transport = transport
         self.rank, self.world = transport.rank, transport.world
         self.blocks = np.array_split(np.arange(run.cfg.agents), self.world)
         self.owner = np.concatenate([np.full(len(b), r) for r, b in enumerate(self.blocks)])
         super().__init__(run, progress=progress and self.rank == 0)
+        if not write and not resume:  # everything in memory, as the simulator's write=False
+            return
         self.run_dir, resuming = self._agree_on_run_dir(run_dir, resume)
         if not resuming and self.rank == 0:
             self.write_setup()
@@ -191,19 +208,14 @@ class DistributedEngine(Engine):
 
     def _gather(self, plan: MixingPlan, spec: PayloadSpec) -> Exchange:
         """A server plan: every present agent's payload to every process (the coordinator's view), screened alike."""
-        return gathered(self.transport, plan, spec, self.own, self._payloads(plan, spec), self.cfg.faults.max_norm)
+        payloads, max_norm = self._payloads(plan, spec), self.cfg.faults.max_norm
+        download = lambda i: spec.wire_nbytes(self.states, i)  # noqa: E731
+        return gathered(self.transport, plan, spec, self.own, payloads, max_norm, download)
 
     def consensus(self) -> dict[int, float]:
-        """Each own agent's ||s B_i A_i - mean_j s B_j A_j||_F summed over layers; the mean via an all-reduce."""
-        st = self.states
-        own = torch.tensor(self.own, device=st.A[0].device)
-        total = {a: 0.0 for a in self.own}
-        for l in range(len(st.layers)):
-            prod = st.products(l, own)
-            mean = self.transport.all_reduce_sum(prod.sum(0)) / self.cfg.agents
-            for a, v in zip(self.own, torch.linalg.matrix_norm(prod - mean).cpu().tolist()):
-                total[a] += v
-        return total
+        """Each own agent's consensus distance; the network's mean product through an all-reduce."""
+        distances = self.states.consensus_distance(self.own, self.transport.all_reduce_sum)
+        return dict(zip(self.own, distances.tolist()))
 
     def collect(self, rows: list[dict], faults: RoundFaults) -> list[dict]:
         return collect_rows(self.transport, rows, faults)
@@ -220,13 +232,8 @@ class DistributedEngine(Engine):
                 stack.copy_(self.transport.all_reduce_sum(part))
 
     def run(self):
-        try:
-            result = super().run()
-            self.transport.barrier()  # nobody leaves while process 0 still writes the report
-        finally:
-            dist = _dist()
-            if dist.is_initialized() and self.transport.owns_group:
-                dist.destroy_process_group()
+        result = super().run()
+        self.transport.barrier()  # nobody leaves while process 0 still writes the report
         return result
 
 
@@ -271,11 +278,7 @@ def point_to_point(
             continue
         for i in receivers:
             ex.received_bytes[i] = ex.received_bytes.get(i, 0) + flat.numel()
-        reason, parts = screen(spec, flat, counts, max_norm)
-        if reason:
-            ex.faults.reject(j, receivers, reason)
-        else:
-            ex.received[j] = parts
+        ex.take(j, flat, counts, receivers, spec, max_norm)
     ex.faults.sort()
     return ex
 
@@ -287,8 +290,10 @@ def gathered(
     own_agents: list[int],
     payloads: dict[int, tuple[torch.Tensor, list[int]]],
     max_norm: float,
+    download,
 ) -> Exchange:
-    """A server plan: every present agent's payload to every process (the coordinator's view), screened alike."""
+    """A server plan: every present agent's payload to every process (the coordinator's view), screened alike.
+    ``download(i)``: the bytes of the averaged model agent i receives back (at its own rank)."""
     ex, own = Exchange(), set(own_agents)
     header = {"agents": sorted(payloads), "counts": [payloads[j][1] for j in sorted(payloads)]}
     flat = torch.cat([payloads[j][0] for j in sorted(payloads)]) if payloads else torch.zeros(0, dtype=torch.uint8)
@@ -297,18 +302,14 @@ def gathered(
         start = 0
         for j, counts in zip(head["agents"], head["counts"]):
             size = sum(counts)
-            reason, parts = screen(spec, data[start : start + size], counts, max_norm)
-            start += size
             receivers = [int(i) for i in plan.receivers(j) if int(i) in own]
+            ex.take(j, data[start : start + size], counts, receivers, spec, max_norm)
+            start += size
             if j in own:
                 ex.sent[j] = size
-            if reason:
-                ex.faults.reject(j, receivers, reason)
-            elif receivers:
-                ex.received[j] = parts
     for i in own:
         if np.count_nonzero(plan.W[i]) > (plan.W[i, i] != 0):
-            ex.received_bytes[i] = spec.nbytes
+            ex.received_bytes[i] = download(i)
     ex.faults.sort()
     return ex
 

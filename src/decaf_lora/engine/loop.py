@@ -30,14 +30,14 @@ import torch
 
 from ..adapters import AgentStates
 from ..algorithms import REDUCTIONS, LayerContext, MixingPlan
-from ..config import dump_config
+from ..config import ConfigError, config_differences, dump_config, load_config
 from ..errors import DecafError
+from ..lowrank import mask_ranks
 from ..payload import PayloadSpec
 from ..rundir import (
     file_digest,
-    read_identity,
-    read_metrics,
     save_tensors,
+    verified_identity,
     write_identity,
     write_json,
     write_jsonl,
@@ -45,7 +45,7 @@ from ..rundir import (
 )
 from . import checkpoint
 from .build import Run
-from .screening import RoundFaults, renormalize_without
+from .screening import RoundFaults, renormalize_without, screen
 from .training import LocalTraining, agent_seed
 
 #: Every column a ``metrics.jsonl`` row may have (plus the statistics the algorithm declares in ``Algorithm.stats``).
@@ -93,6 +93,15 @@ class Exchange:
     sent: dict[int, int] = field(default_factory=dict)
     received_bytes: dict[int, int] = field(default_factory=dict)
 
+    def take(self, sender: int, flat: torch.Tensor, counts: list[int], receivers, spec: PayloadSpec, max_norm: float):
+        """Screen one arrived payload for its receivers: accepted, it is what they mix; rejected, every one of them
+        leaves ``sender`` out this round, and the reason is logged (every engine screens through here)."""
+        reason, parts = screen(spec, flat, counts, max_norm)
+        if reason:
+            self.faults.reject(sender, receivers, reason)
+        elif len(receivers):
+            self.received[sender] = parts
+
 
 def reduce_stats(
     total: dict[str, torch.Tensor], stats: dict[str, torch.Tensor], rules: dict[str, str], who: str
@@ -138,7 +147,7 @@ class Engine:
         self.start_round, self.elapsed_before = 0, 0.0
         self.identity: dict | None = None
         self._file_digests: dict[str, str] = {}
-        self.heterogeneous = any(bool((rk != self.states.A[0].shape[1]).any()) for rk in self.states.ranks)
+        self._metrics_hash, self._hashed_rows = None, 0  # running digest of self.metrics (rows are only appended)
 
     # ----------------------------------------------------------------------------------------- engine hooks
     @property
@@ -224,11 +233,17 @@ class Engine:
                     )
                 v[agent] = tensors[key].to(v.dtype).to(v.device)
 
+    def _metrics_digest(self) -> str:
+        """The digest of every metrics row so far, extended by the rows added since the last call."""
+        digest, self._metrics_hash = checkpoint.metrics_digest(self.metrics[self._hashed_rows :], self._metrics_hash)
+        self._hashed_rows = len(self.metrics)
+        return digest
+
     def save_checkpoint(self, rounds_done: int, elapsed: float) -> None:
         shared = {
             "run_id": self.identity["run_id"],
             "files": self.run_file_digests(),
-            "metrics_sha256": checkpoint.metrics_digest(self.metrics),
+            "metrics_sha256": self._metrics_digest(),
             "elapsed": elapsed,
         }
         agents = {a: self.agent_state(a) for a in self.own}
@@ -237,37 +252,16 @@ class Engine:
     def restore(self) -> None:
         """Continue from the newest complete, verified checkpoint of ``run_dir`` (or say plainly that none exists)."""
         d = self.run_dir
-        self.identity = read_identity(d)
-        if self.identity is None:
-            raise DecafError(
-                f"{d!r} has no run.json, so it cannot be proven to be this run's directory (it was made by an older "
-                "decaf-lora, or is not a run); start a new run."
+        self.identity = verified_identity(d)
+        differ = config_differences(load_config(os.path.join(d, "config.yaml")).to_dict(), self.cfg.to_dict())
+        if differ:  # the run as recorded, not what this process was asked to compute (a ModuleTask included)
+            raise ConfigError(
+                [
+                    f"cannot resume {d!r} with a different config ({'; '.join(differ)}); use the run's own config and "
+                    "task, or start a new run."
+                ]
             )
-        if file_digest(os.path.join(d, "config.yaml")) != self.identity["config_sha256"]:
-            raise DecafError(
-                f"{os.path.join(d, 'config.yaml')!r} was changed after the run started (its digest differs from "
-                "run.json's); restore it, or start a new run."
-            )
-        has_metrics = os.path.exists(os.path.join(d, "metrics.jsonl"))
-        rows = read_metrics(d) if has_metrics else []
-
-        def check_round(meta: dict) -> None:
-            if meta.get("run_id") != self.identity["run_id"]:
-                raise DecafError(f"the checkpoints in {d!r} belong to another run (run id differs); start a new run.")
-            checkpoint.verify_run_files(d, meta)
-            done = [r for r in rows if r["round"] <= meta["round"]]
-            if not has_metrics:
-                raise DecafError(
-                    f"{os.path.join(d, 'metrics.jsonl')!r} is missing but round {meta['round']} finished; restore it, "
-                    "or start a new run."
-                )
-            if checkpoint.metrics_digest(done) != meta.get("metrics_sha256"):
-                raise DecafError(
-                    f"{os.path.join(d, 'metrics.jsonl')!r} does not hold the rows of rounds 1..{meta['round']} the run "
-                    "wrote (edited, emptied or truncated); restore it, or start a new run."
-                )
-
-        found = checkpoint.latest_complete(d, self.cfg.agents, check_round)
+        found, rows = checkpoint.verified_history(d, self.identity, self.cfg.agents)
         if found is None:
             print(f"note: no round of {d!r} finished (no checkpoint); it starts again from round 1.", file=sys.stderr)
             self.metrics = []
@@ -282,7 +276,7 @@ class Engine:
             self.load_agent_state(a, tensors, shard.meta["per_agent"][str(a)])
         self.start_round = found.round
         self.elapsed_before = float(found.meta.get("elapsed", 0.0))
-        self.metrics = [r for r in rows if r["round"] <= found.round]
+        self.metrics = rows
 
     # ----------------------------------------------------------------------------------------- one round
     def run_round(self, t: int) -> list[dict]:
@@ -398,7 +392,6 @@ class Engine:
             spec,
             start=start,
             activations=activations,
-            heterogeneous=self.heterogeneous,
         )
 
     # ----------------------------------------------------------------------------------------- evaluation
@@ -567,7 +560,6 @@ def mix_agents(
     *,
     start=None,
     activations=None,
-    heterogeneous: bool = False,
 ) -> dict[str, dict[int, float]]:
     """Mix ``agents`` (global ids, held in rows ``slots`` of the stacked states ``st`` and of ``algo_state``), layer
     by layer, with their own factors and the payloads they received; returns the declared statistics per agent.
@@ -585,7 +577,7 @@ def mix_agents(
     complete = {"A", "B"} <= spec.parts and (st.E is None or "E" in spec.parts)
 
     def same_as_state(j: int) -> bool:
-        return all(torch.equal(a.to(b.device), b) for a, b in zip(received[j], spec.pack(st, slot_of[j])))
+        return all(torch.equal(a.to(b.device), b) for a, b in zip(received[j], spec.rows(st, slot_of[j])))
 
     shared = {j for j in received if j in slot_of and complete and same_as_state(j)}
     copies = sorted(j for j in received if j not in shared)
@@ -630,17 +622,17 @@ def mix_agents(
             E=stacked("E", l, st.E[l][slot_t]) if st.E is not None else None,
             state={k: v[slot_t] for k, v in algo_state[l].items()},
         )
-        ranks = st.ranks[l][slot_cpu].to(dev) if heterogeneous else None
+        own_ranks = st.ranks[l][slot_cpu]
+        # ranks reach the method whenever an output agent's differs from the width (set by the config, or pruned)
+        ranks = own_ranks.to(dev) if bool((own_ranks != st.A[l].shape[1]).any()) else None
         A_in, B_in = stacked("A", l, st.A[l][slot_t]), stacked("B", l, st.B[l][slot_t])
         out = algo.mix(A_in, B_in, rows, round_=t, self_index=self_index, ranks=ranks, context=ctx)
         if out.ranks is not None:
             st.ranks[l][slot_cpu] = out.ranks.to(st.ranks[l].dtype).cpu()
         st.A[l][slot_t] = out.A.to(st.A[l].dtype)
         st.B[l][slot_t] = out.B.to(st.B[l].dtype)
-        if heterogeneous or out.ranks is not None:
-            keep = torch.arange(st.A[l].shape[1], device=dev)[None, :] < st.ranks[l][slot_cpu].to(dev)[:, None]
-            st.B[l][slot_t] = st.B[l][slot_t] * keep[:, None, :]
-            st.A[l][slot_t] = st.A[l][slot_t] * keep[:, :, None]
+        if ranks is not None or out.ranks is not None:
+            st.B[l][slot_t], st.A[l][slot_t] = mask_ranks(st.B[l][slot_t], st.A[l][slot_t], st.ranks[l][slot_cpu])
         if out.E is not None:
             st.E[l][slot_t] = out.E.to(st.E[l].dtype)
         for k, v in (out.state or {}).items():

@@ -43,6 +43,8 @@ def screen(spec: PayloadSpec, flat: torch.Tensor, counts: list[int], max_norm: f
     if reason:
         return reason, []
     for entry, t in zip(spec.entries, parts):
+        if not t.is_floating_point():  # announced ranks: already checked against the width by decode
+            continue
         reason = check_values(t, max_norm)
         if reason:
             return f"{reason} in {entry.describe()}", []
@@ -62,8 +64,8 @@ def poison(t: torch.Tensor, kind: str) -> torch.Tensor:
 
 def outgoing(spec: PayloadSpec, parts: list[torch.Tensor], poisoned: str | None) -> tuple[torch.Tensor, list[int]]:
     """What an agent puts on the wire: its packed tensors, as garbage of kind ``poisoned`` if it is the poisoned one."""
-    if poisoned:
-        parts = [poison(t, poisoned) for t in parts]
+    if poisoned:  # the garbage is in the numbers; the announced ranks stay what they were
+        parts = [poison(t, poisoned) if t.is_floating_point() else t for t in parts]
     return encode(parts)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from ..algorithms import MixingPlan
 from ..payload import PayloadSpec
 from .loop import Engine, Exchange
-from .screening import RoundFaults, outgoing, screen
+from .screening import RoundFaults, outgoing
 
 
 class Simulation(Engine):
@@ -35,15 +35,14 @@ class Simulation(Engine):
             if not len(receivers):
                 continue
             flat, counts = outgoing(spec, spec.pack(self.states, j), f.poison if j == f.poison_agent else None)
-            reason, parts = screen(spec, flat, counts, f.max_norm)
             size = flat.numel()
             ex.sent[j] = size if plan.server else size * len(receivers)
-            for i in receivers:
-                ex.received_bytes[int(i)] = spec.nbytes if plan.server else ex.received_bytes.get(int(i), 0) + size
-            if reason:
-                ex.faults.reject(j, receivers, reason)
+            if plan.server:  # each participant downloads the averaged model once, at its own rank
+                ex.received_bytes[j] = spec.wire_nbytes(self.states, j)
             else:
-                ex.received[j] = parts
+                for i in receivers:
+                    ex.received_bytes[int(i)] = ex.received_bytes.get(int(i), 0) + size
+            ex.take(j, flat, counts, receivers, spec, f.max_norm)
         ex.faults.sort()
         return ex
 

@@ -37,12 +37,10 @@ class Recv:
 
 
 class Transport:
-    """One process's end: its store (for the deadline handshake), rank, world size and device. ``owns_group``:
-    whether the process group was created for this run (and is destroyed after it) or lent by the caller."""
+    """One process's end: its store (for the deadline handshake), rank, world size and device."""
 
-    def __init__(self, store, rank: int, world: int, device: torch.device, timeout: float, owns_group: bool = True):
+    def __init__(self, store, rank: int, world: int, device: torch.device, timeout: float):
         self.store, self.rank, self.world, self.device, self.timeout = store, rank, world, device, timeout
-        self.owns_group = owns_group
 
     # ------------------------------------------------------------------------------------------- point to point
     def late_peers(self, round_: int, peers: set[int]) -> set[int]:
@@ -133,12 +131,6 @@ class Transport:
         out = t.to(self.device).contiguous()
         dist.all_reduce(out)
         return out.to(t.device)
-
-    def all_reduce_min(self, value: int) -> int:
-        dist = _dist()
-        t = torch.tensor([value], dtype=torch.int64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return int(t)
 
     def barrier(self) -> None:
         _dist().barrier()

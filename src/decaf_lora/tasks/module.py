@@ -126,6 +126,8 @@ class ModuleTask(Task):
             )
         params = list(model.parameters())
         self._dtype = params[0].dtype if params else torch.float32
+        was_training = model.training
+        model.eval()  # a look at the output, not a step: no batch-norm statistics may move
         with torch.no_grad():
             try:
                 out = model(self._cast(self.x[:2]))
@@ -133,10 +135,11 @@ class ModuleTask(Task):
                 raise ConfigError(
                     [
                         f"ModuleTask's model cannot run on the inputs ({type(exc).__name__}: {exc}); check the input "
-                        "shape "
-                        f"{tuple(self.x.shape[1:])}."
+                        f"shape {tuple(self.x.shape[1:])}."
                     ]
                 ) from None
+            finally:
+                model.train(was_training)
         if self.loss_fn is nn.functional.cross_entropy:
             n_classes = len(self.examples.class_names)
             if out.ndim != 2 or out.shape[-1] < n_classes:

@@ -37,16 +37,20 @@ def resolve_model_path(name: str) -> str:
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub answers at all; asked once per process, so an offline machine fails at once
-    instead of spending most of a minute in the hub client's retries."""
+    instead of spending most of a minute in the hub client's retries. Behind a proxy the hub client is trusted."""
     global _HUB
     if _HUB is None:
         if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
             _HUB = False
+        elif any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+            _HUB = True
         else:
             import socket
+            from urllib.parse import urlparse
 
+            host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
             try:
-                socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+                socket.create_connection((host, 443), timeout=timeout).close()
                 _HUB = True
             except OSError:
                 _HUB = False
@@ -56,9 +60,19 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 _HUB: bool | None = None
 
 
+def in_hub_cache(name: str) -> bool:
+    """Whether ``name`` is a hub model already in the local Hugging Face cache (loadable offline)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # noqa: BLE001 - not a valid repo id, or no hub client: not cached
+        return False
+
+
 def load_pretrained(loader, path: str, what: str, **kwargs):
     """Load from a directory or the hub; turn the many failure modes into one sentence."""
-    if not os.path.isdir(path) and not hub_reachable():
+    if not os.path.isdir(path) and not in_hub_cache(path) and not hub_reachable():
         raise ConfigError(
             [
                 f"task.model={path!r} is not a local directory and the Hugging Face hub cannot be reached (offline); "
