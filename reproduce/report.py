@@ -23,13 +23,25 @@ from study import (  # noqa: E402 - the study module lives beside this script
     ABLATION_PARTITIONS,
     BUDGET,
     GOSSIP,
+    HET_ALPHA,
+    HET_METHODS,
+    HET_PARTITIONS,
+    HET_RANK,
+    HET_RANKS,
+    HET_TOPOLOGIES,
+    NO_GRAPH,
     PARTITIONS,
+    PEER_DIAGNOSTICS,
+    PEER_TOPOLOGIES,
     SEEDS,
     SWEEP_FIXED_ALPHA,
     SWEEP_RANKS,
     SWEEP_ROUNDS,  # noqa: E402
     SWEEP_SCALINGS,
     TOPOLOGIES,
+    budget_value,
+    het_agent_ranks,
+    peer_methods,
 )
 
 from decaf_lora.report import _plt, _save  # noqa: E402
@@ -296,6 +308,8 @@ def c4_section(runs) -> tuple[str, dict]:
     for r in runs:
         if r.get("algorithm", "decaf") != "decaf":  # sweep records are DeCAF runs without an algorithm field
             continue
+        if r["group"] not in ("grid", "ablation", "sweep"):  # C4 is the equal-rank claim of the original study
+            continue
         for p in r["per_round"]["tsvd_tail_ratio"]:
             if p is not None:
                 ratios.append(p["max"])
@@ -354,6 +368,710 @@ def c5_section(sweep: dict[str, list[dict]]) -> str:
             f"log-log slope **{slope:+.2f}** (absolute gap {slope_abs:+.2f}; theory about -0.5 at fixed c)."
         )
     return "\n".join(text)
+
+
+# ---------------------------------------------------------------------------------------------- peer methods
+# The peer methods (every registered method beyond the grid's) on the ring and the complete graph, the peer papers'
+# claims tested at this budget, the heterogeneous-rank experiment and "which method when". Everything below reads
+# the records only; a cell without records says "not run yet", so the report works on a partial study.
+NOT_RUN = "not run yet"
+# A paired difference "shows" when its mean is more than this many standard errors (std over the paired
+# differences, ddof 1, / sqrt(n)) from zero: the usual rough 95 % line. A claim pools 6 settings x 3 seeds, where it
+# is close to Student's t (2.11 at 17 degrees of freedom); within one setting's 3 seeds ("which method when") it is
+# lenient (t at 2 degrees of freedom asks for 4.3), so there a method "within the seed noise" is really so.
+N_SE = 2.0
+# What the papers compare against: FedIT / plain LoRA, i.e. factor-wise averaging, whose gossip form is DLoRA.
+PEER_CLAIMS = [  # (label, method a, method b, claim: a beats b, where peers.md states it)
+    ("ADF-LoRA beats DLoRA", "adf-lora", "dlora", "§2.4: ADF-LoRA (T = 5) above LoRA in the task average"),
+    ("ADF-LoRA beats the gossip port of RoLoRA", "adf-lora", "rolora", "§2.4 and §4.3: the naive port degrades"),
+    ("FedRot-LoRA beats DLoRA", "fedrot-lora", "dlora", "§5.4: rotational alignment above FedIT"),
+    ("LoRA-FAIR beats DLoRA", "lora-fair", "dlora", "§6.4: the correction above FedIT"),
+    ("FlexLoRA beats DLoRA", "flexlora", "dlora", "§6.4 / §7.3: FlexLoRA above FedIT in LoRA-FAIR's table"),
+    ("FedEx-LoRA beats DLoRA", "fedex-lora", "dlora", "§11.3: exact aggregation above FedIT"),
+    ("FedSA-LoRA beats DLoRA", "fedsa-lora", "dlora", "§10.3: sharing A only above LoRA"),
+    ("DIMAT beats DLoRA", "dimat", "dlora", "§9.1: activation matching above plain decentralized averaging"),
+]
+HET_CLAIMS = [
+    ("FedHL beats HetLoRA", "fedhl", "hetlora", "§8.1: 1-3 % above heterogeneous-LoRA methods (our reading of FedHL)"),
+    ("FedHL beats FlexLoRA", "fedhl", "flexlora", "§8.1: as above"),
+    ("FlexLoRA beats HetLoRA", "flexlora", "hetlora", "§12.6: SVD truncation better conditioned than cutting slots"),
+]
+# Which of a method's own diagnostics explain what its mixing changed: (after, before, what the ratio means).
+MECHANISM_STATS = {
+    "fedrot-lora": ("cross_term_error", "cross_term_error_unaligned", "cross-term error with / without the alignment"),
+    "lora-fair": ("fair_rel_error_after", "fair_rel_error_before", "product error after / before the correction"),
+    "dimat": ("cross_term_error", None, "cross-term error left after matching"),
+    "fedex-lora": ("fedex_residual_norm", None, "cross-term error moved into the base correction E"),
+    "adf-lora": ("cross_term_error", None, "cross-term error of the mix"),
+    "rolora": ("cross_term_error", None, "cross-term error of the mix"),
+}
+
+
+def all_methods(runs: list[dict]) -> list[str]:
+    """The grid's methods, then every registered peer method, then any method a record names that is neither."""
+    methods = list(ALGOS) + [m for m in peer_methods() if m not in ALGOS]
+    for r in runs:
+        if r["group"] in ("grid", "peers") and r.get("algorithm") and r["algorithm"] not in methods:
+            methods.append(r["algorithm"])
+    return methods
+
+
+def method_cells(runs: list[dict], groups: tuple[str, ...] = ("peers",)) -> dict[tuple[str, str, str], list[dict]]:
+    """(topology, partition, algorithm) -> runs: the grid's cells plus those of ``groups`` (keyed by their label
+    when they have one, so a diagnostic variant is a method of its own)."""
+    cells = grid_cells(runs)
+    for r in runs:
+        if r["group"] in groups:
+            cells[(r["topology"], r["partition"], r.get("label", r["algorithm"]))].append(r)
+    return cells
+
+
+def seed_stats(rs: list[dict]) -> dict:
+    """Mean over seeds of the per-seed mean accuracy, its std over seeds, and the bytes each agent sent."""
+    st = acc_stats(rs)
+    vals = np.array(list(st["seeds"].values()))
+    st["mean_s"] = float(vals.mean()) if vals.size else float("nan")
+    st["std_s"] = float(vals.std()) if vals.size else float("nan")
+    st["bytes"] = float(np.mean([r["bytes_sent_per_agent"] for r in rs])) if rs else float("nan")
+    st["bytes_round"] = (
+        float(np.mean([r["bytes_sent_per_agent"] / len(r["rounds"]) for r in rs])) if rs else float("nan")
+    )
+    return st
+
+
+def fmt_seeds(st: dict) -> str:
+    if not st["n"]:
+        return NOT_RUN
+    text = fmt(st["mean_s"], st["std_s"])
+    return text if st["n"] >= len(SEEDS) else f"{text} ({st['n']} seed{'s' if st['n'] > 1 else ''})"
+
+
+def mb(x: float) -> str:
+    return "n/a" if np.isnan(x) else f"{x / 1e6:.2f}"
+
+
+def paired_diffs(pairs: list[tuple[dict, dict]]) -> np.ndarray:
+    """a - b of the per-seed mean accuracies, over every (setting, seed) both have."""
+    out = []
+    for a, b in pairs:
+        out += [a["seeds"][s] - b["seeds"][s] for s in sorted(set(a["seeds"]) & set(b["seeds"]))]
+    return np.array(out)
+
+
+def judge(d: np.ndarray) -> tuple[str, float, float]:
+    """The verdict on "a beats b" from paired differences: mean, its standard error, and the N_SE rule."""
+    if d.size < 2:
+        return "not enough runs yet", float(d.mean()) if d.size else float("nan"), float("nan")
+    m, se = float(d.mean()), float(d.std(ddof=1) / np.sqrt(d.size))
+    if m - N_SE * se > 0:
+        return "shows", m, se
+    if m + N_SE * se < 0:
+        return "reversed", m, se
+    return "does not show at this budget", m, se
+
+
+def head_trained(name: str) -> bool | None:
+    """Whether the method trains the classification head (from the method's own options, not typed in)."""
+    from decaf_lora import algorithms
+
+    try:
+        algo = algorithms.get(name)
+    except Exception:  # a method that is no longer registered: nothing to say
+        return None
+    if hasattr(algo, "head"):
+        return algo.head == "trained"
+    return "head" in algo.trainable(0)
+
+
+def stat_mean(rs: list[dict], key: str, skip_first: bool = False) -> float:
+    """Mean over runs and rounds of the per-round mean over agents of a recorded statistic (nan if none)."""
+    vals = [
+        p["mean"]
+        for r in rs
+        for p in r.get("per_round", {}).get(key, [])[1 if skip_first else 0 :]
+        if p is not None and p.get("mean") is not None
+    ]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def final_loss(rs: list[dict]) -> float:
+    vals = [r["per_round"]["train_loss"][-1]["mean"] for r in rs if r["per_round"].get("train_loss")]
+    vals = [v for v in vals if v is not None]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def peer_settings() -> list[tuple[str, str]]:
+    return [(t, p) for p in PARTITIONS for t in PEER_TOPOLOGIES]
+
+
+# ---------------------------------------------------------------------------------------------- (a) side by side
+def fig_methods(cells, methods: list[str], majority: float = float("nan")) -> str:
+    """Every method's accuracy per partition, ring and complete side by side; the majority-class rate marks where a
+    method has learned nothing yet."""
+    plt = _plt()
+    fig, axes = plt.subplots(
+        1, len(PARTITIONS), figsize=(4.6 * len(PARTITIONS), 0.32 * len(methods) + 1.4), sharey=True
+    )
+    y = np.arange(len(methods))
+    for ax, part in zip(np.atleast_1d(axes), PARTITIONS):
+        for k, topo in enumerate(PEER_TOPOLOGIES):
+            st = [seed_stats(cells[(topo, part, m)]) for m in methods]
+            ax.errorbar(
+                [s["mean_s"] for s in st],
+                y + (k - 0.5) * 0.3,
+                xerr=[0 if np.isnan(s["std_s"]) else s["std_s"] for s in st],
+                fmt="o",
+                ms=4,
+                capsize=2,
+                label=topo,
+            )
+        if not np.isnan(majority):
+            ax.axvline(majority, color="gray", ls="--", lw=1, label="majority class")
+        ax.set_yticks(y, methods)
+        ax.invert_yaxis()
+        ax.set_title(part)
+        ax.set_xlabel("test accuracy (mean ± std over seeds)")
+        ax.grid(axis="x", alpha=0.3)
+    legend(np.atleast_1d(axes)[-1], fontsize=8, loc="lower right")
+    return save(fig, "methods.png")
+
+
+def methods_tables(cells, methods: list[str]) -> str:
+    """One table per partition: every method's accuracy on each peer topology and the bytes each agent sent."""
+    out = []
+    for part in PARTITIONS:
+        st = {(t, m): seed_stats(cells[(t, part, m)]) for t in PEER_TOPOLOGIES for m in methods}
+        best = {
+            t: max((m for m in methods if st[(t, m)]["n"]), key=lambda m: st[(t, m)]["mean_s"], default=None)
+            for t in PEER_TOPOLOGIES
+        }
+        head = (
+            " | ".join(f"{t}: accuracy" for t in PEER_TOPOLOGIES)
+            + " | "
+            + " | ".join(f"{t}: MB sent per agent" for t in PEER_TOPOLOGIES)
+        )
+        lines = [
+            f"**{part}.**",
+            "",
+            f"| method | {head} | trains the head |",
+            "|---|" + "---|" * (2 * len(PEER_TOPOLOGIES) + 1),
+        ]
+        for m in methods:
+            accs = [f"**{fmt_seeds(st[(t, m)])}**" if best[t] == m else fmt_seeds(st[(t, m)]) for t in PEER_TOPOLOGIES]
+            sent = [mb(st[(t, m)]["bytes"]) if st[(t, m)]["n"] else "" for t in PEER_TOPOLOGIES]
+            ht = head_trained(m)
+            lines.append(f"| {m} | " + " | ".join(accs + sent) + f" | {'' if ht is None else 'yes' if ht else 'no'} |")
+        out += ["\n".join(lines), ""]
+    return "\n".join(out).strip()
+
+
+# ---------------------------------------------------------------------------------------------- (b) claims
+def pair_rows(cells, a: str, b: str, settings: list[tuple[str, str]]) -> tuple[list[str], list[tuple[dict, dict]]]:
+    lines = [
+        f"| topology | partition | {a} - {b} (mean ± std over seeds) | seeds with {a} >= {b} |",
+        "|---|---|---|---|",
+    ]
+    pairs = []
+    for topo, part in settings:
+        sa, sb = acc_stats(cells[(topo, part, a)]), acc_stats(cells[(topo, part, b)])
+        g = paired_gap(sa, sb)
+        pairs.append((sa, sb))
+        lines.append(
+            f"| {topo} | {part} | {g[0]:+.3f} ± {g[1]:.3f} | {g[2]}/{g[3]} |"
+            if g[3]
+            else f"| {topo} | {part} | {NOT_RUN} | |"
+        )
+    return lines, pairs
+
+
+def verdict_text(label: str, a: str, b: str, d: np.ndarray, settings_won: tuple[int, int]) -> str:
+    v, m, se = judge(d)
+    if not d.size:
+        return f"**{label}: {NOT_RUN}.**"
+    wins = int((d >= 0).sum())
+    return (
+        f"**{label}: {v}.** Over {d.size} (setting, seed) pairs the mean paired gap {a} - {b} is {m:+.3f}"
+        + ("" if np.isnan(se) else f" (standard error {se:.3f}; the claim shows when the gap exceeds {N_SE:g} of them)")
+        + f"; {a} >= {b} in {wins} of {d.size} pairs and, by mean over seeds, in {settings_won[0]} of "
+        f"{settings_won[1]} settings."
+    )
+
+
+def settings_won(pairs: list[tuple[dict, dict]]) -> tuple[int, int]:
+    gaps = [paired_gap(sa, sb) for sa, sb in pairs]
+    valid = [g for g in gaps if g[3]]
+    return sum(1 for g in valid if g[0] >= 0), len(valid)
+
+
+def phase_facts(name: str, rs: list[dict]) -> str | None:
+    """For an alternating method: its phase length (recorded where the method logs it, else its option) against the
+    rounds of this budget, i.e. how many rounds each factor is trained in."""
+    from decaf_lora import algorithms
+
+    algo = algorithms.get(name)
+    if not hasattr(algo, "phase") or not rs:
+        return None
+    T = stat_mean(rs, "phase_length")  # what the run logged (TAD-LoRA chooses it at set-up), else the option's
+    if np.isnan(T):
+        try:
+            T = algo.phase_length
+        except Exception:  # a phase length that only set-up can choose, and no record of it
+            return None
+    T = int(round(T))
+    R = len(rs[0]["rounds"])
+    trains_a = sum(1 for t in range(R) if (t // T) % 2 == (0 if algo.first_phase == "A" else 1))
+    return (
+        f"{name} switches factor every {T} round{'s' if T > 1 else ''}: in this budget's {R} rounds it trains B in "
+        f"{R - trains_a} and A in {trains_a}, i.e. {R // (2 * T) if R >= 2 * T else 0} full B/A cycle(s)"
+    )
+
+
+def reasons(cells, a: str, b: str, settings: list[tuple[str, str]], runs: list[dict]) -> list[str]:
+    """Computed facts that bear on why "a beats b" does or does not show (never a sentence about the outcome)."""
+    ra = [r for t, p in settings for r in cells[(t, p, a)]]
+    rb = [r for t, p in settings for r in cells[(t, p, b)]]
+    out = []
+    ha, hb = head_trained(a), head_trained(b)
+    if ha is not None and hb is not None and ha != hb:
+        out.append(
+            f"{a} {'trains' if ha else 'freezes'} the classification head and {b} {'trains' if hb else 'freezes'} it "
+            "(its options); in this task the head starts from a random initialisation"
+        )
+    for name, rs in ((a, ra), (b, rb)):
+        f = phase_facts(name, rs)
+        if f:
+            out.append(f)
+    la, lb = final_loss(ra), final_loss(rb)
+    if not (np.isnan(la) or np.isnan(lb)):
+        out.append(f"mean training loss in the last round: {a} {la:.3f}, {b} {lb:.3f}")
+    if a in MECHANISM_STATS:
+        after, before, what = MECHANISM_STATS[a]
+        x = stat_mean(ra, after, skip_first=True)
+        if not np.isnan(x):
+            if before:
+                y = stat_mean(ra, before, skip_first=True)
+                if not np.isnan(y) and y > 0:
+                    out.append(f"{a}'s {what}, mean over rounds 2 onwards: {x:.4f} / {y:.4f} = {x / y:.3f}")
+            else:
+                out.append(f"{a}'s {what}, mean over rounds 2 onwards: {x:.4f}")
+    for label, _algo, _extra in PEER_DIAGNOSTICS:
+        if _algo != a:
+            continue
+        diag = [(cells[(t, p, label)], cells[(t, p, b)], cells[(t, p, a)]) for t, p in settings]
+        d_b = paired_diffs([(acc_stats(x), acc_stats(y)) for x, y, _ in diag])
+        d_a = paired_diffs([(acc_stats(x), acc_stats(z)) for x, _, z in diag])
+        if d_b.size:
+            out.append(
+                f"with the head trained ({label}): {label} - {b} = {d_b.mean():+.3f} over {d_b.size} pairs "
+                f"({judge(d_b)[0]}); training the head changes {a} by {d_a.mean():+.3f}"
+            )
+    return out
+
+
+def claim_block(cells, label: str, a: str, b: str, source: str, settings, runs) -> list[str]:
+    lines, pairs = pair_rows(cells, a, b, settings)
+    d = paired_diffs(pairs)
+    text = [f"### {label}", "", f"Claim ({source}).", "", verdict_text(label, a, b, d, settings_won(pairs)), ""]
+    if d.size and judge(d)[0] != "shows":
+        facts = reasons(cells, a, b, settings, runs)
+        if facts:
+            text += ["Why, in measured facts:", "", *[f"- {f}." for f in facts], ""]
+    return text + lines + [""]
+
+
+def tad_block(cells) -> tuple[list[str], dict]:
+    """TAD-LoRA's claim: its gain over ADF-LoRA grows as the graph gets sparser, i.e. ring gain > complete gain.
+    Per partition and seed: (tad - adf on the ring) - (tad - adf on the complete graph), the same split and seed."""
+    sparse, dense = PEER_TOPOLOGIES[0], PEER_TOPOLOGIES[-1]
+    lines = [
+        f"| partition | tad - adf on the {sparse} | tad - adf on the {dense} | difference ({sparse} - {dense}) | "
+        f"TAD's T: {sparse} / {dense} |",
+        "|---|---|---|---|---|",
+    ]
+    dd, out = [], {}
+    for part in PARTITIONS:
+        g = {}
+        for t in (sparse, dense):
+            sa, sb = acc_stats(cells[(t, part, "tad-lora")]), acc_stats(cells[(t, part, "adf-lora")])
+            g[t] = {s: sa["seeds"][s] - sb["seeds"][s] for s in set(sa["seeds"]) & set(sb["seeds"])}
+        common = sorted(set(g[sparse]) & set(g[dense]))
+        diff = np.array([g[sparse][s] - g[dense][s] for s in common])
+        dd += list(diff)
+        T = [stat_mean(cells[(t, part, "tad-lora")], "phase_length") for t in (sparse, dense)]
+        cell = [
+            fmt(np.mean(list(g[t].values())), np.std(list(g[t].values()))) if g[t] else NOT_RUN for t in (sparse, dense)
+        ]
+        lines.append(
+            f"| {part} | {cell[0]} | {cell[1]} | "
+            + (fmt(diff.mean(), diff.std()) if diff.size else NOT_RUN)
+            + " | "
+            + " / ".join("n/a" if np.isnan(x) else f"{x:.0f}" for x in T)
+            + " |"
+        )
+    d = np.array(dd)
+    v, m, se = judge(d)
+    out = {"verdict": v, "mean": m, "se": se, "n": int(d.size)}
+    text = [
+        "### TAD-LoRA helps most on sparse graphs",
+        "",
+        "Claim (§3.4: gains grow as the graph gets sparser; none at ER p = 0.5, the most at p = 0.02).",
+        "",
+    ]
+    if not d.size:
+        return text + [f"**{NOT_RUN}.**", "", *lines, ""], out
+    text.append(
+        f"**TAD-LoRA's gain over ADF-LoRA is larger on the {sparse} than on the {dense} graph: {v}.** Paired over "
+        f"partitions and seeds, (gain on the {sparse}) - (gain on the {dense}) = {m:+.3f}"
+        + ("" if np.isnan(se) else f" (standard error {se:.3f})")
+        + f", {int((d > 0).sum())} of {d.size} pairs positive."
+    )
+    text.append("")
+    if v != "shows":
+        facts = []
+        from decaf_lora import algorithms
+
+        adf_T = getattr(algorithms.get("adf-lora"), "T", None)
+        for t in (sparse, dense):
+            rs = [r for p in PARTITIONS for r in cells[(t, p, "tad-lora")]]
+            T, rho = stat_mean(rs, "phase_length"), stat_mean(rs, "mixing_rate")
+            if np.isnan(T):
+                continue
+            same = adf_T is not None and int(round(T)) == adf_T
+            fact = f"on the {t} TAD-LoRA measured rho = {rho:.3f} and chose T = {T:.0f}" + (
+                f", ADF-LoRA's own T: the two methods run the same schedule there, so TAD's gain on the {t} is zero "
+                "by construction"
+                if same
+                else f" (ADF-LoRA: T = {adf_T})"
+            )
+            if same:
+                diffs = [
+                    abs(a - b)
+                    for p in PARTITIONS
+                    for a, b in zip(
+                        (acc_stats(cells[(t, p, "tad-lora")])["seeds"].get(s) for s in SEEDS),
+                        (acc_stats(cells[(t, p, "adf-lora")])["seeds"].get(s) for s in SEEDS),
+                    )
+                    if a is not None and b is not None
+                ]
+                if diffs:
+                    fact += f" (largest measured |accuracy difference| per seed: {max(diffs):.2e})"
+            facts.append(fact)
+        f = phase_facts("adf-lora", [r for c in cells for r in cells[c] if c[2] == "adf-lora"])
+        if f:
+            facts.append(f)
+        if facts:
+            text += ["Why, in measured facts:", "", *[f"- {x}." for x in facts], ""]
+    return text + lines + [""], out
+
+
+def fedex_block(cells) -> list[str]:
+    """FedEx-LoRA's exactness: every mix is gossip averaging of the full effective weight, so on the complete graph
+    all agents hold the same weight after every mix (consensus distance zero up to rounding), which factor averaging
+    also reaches there; on the ring it shows what the exact rule leaves. Compared with DLoRA at the last round, on
+    the (partition, seed) pairs both have, so that the two means are over the same splits."""
+    rows = [
+        "| topology | method | runs | final consensus distance (mean; max over runs) | cross-term error moved into E |",
+        "|---|---|---|---|---|",
+    ]
+    finals = {}
+    for t in PEER_TOPOLOGIES:
+        both = {(p, r["seed"]) for p in PARTITIONS for r in cells[(t, p, "fedex-lora")]} & {
+            (p, r["seed"]) for p in PARTITIONS for r in cells[(t, p, "dlora")]
+        }
+        for m in ("fedex-lora", "dlora"):
+            rs = [r for p in PARTITIONS for r in cells[(t, p, m)] if (p, r["seed"]) in both]
+            vals = [r["per_round"]["consensus_distance"][-1] for r in rs]
+            vals = [v for v in vals if v is not None]
+            if not vals:
+                rows.append(f"| {t} | {m} | 0 | {NOT_RUN} | |")
+                continue
+            finals[(t, m)] = (float(np.mean([v["mean"] for v in vals])), float(max(v["max"] for v in vals)))
+            res = stat_mean(rs, "fedex_residual_norm")
+            rows.append(
+                f"| {t} | {m} | {len(vals)} | {finals[(t, m)][0]:.3e}; {finals[(t, m)][1]:.3e} | "
+                + ("" if np.isnan(res) else f"{res:.3e}")
+                + " |"
+            )
+    text = [
+        "### FedEx-LoRA: exact consensus of the full weight",
+        "",
+        "Claim (§11.2: each mix averages `W0 + E_i + s B_i A_i` exactly; on the complete graph every agent ends "
+        "with the mean effective weight).",
+        "",
+    ]
+    dense, sparse = PEER_TOPOLOGIES[-1], PEER_TOPOLOGIES[0]
+    if (dense, "fedex-lora") in finals and (sparse, "fedex-lora") in finals:
+        worst, ring = finals[(dense, "fedex-lora")][1], finals[(sparse, "fedex-lora")][0]
+        ok = ring > 0 and worst <= EXACT_TOL * ring
+        text.append(
+            f"**Exact consensus on the {dense} graph: {'shows' if ok else 'does not show'}.** The largest final "
+            f"consensus distance of FedEx-LoRA on the {dense} graph is {worst:.2e}, "
+            + (
+                f"{worst / ring:.1e} of its mean on the {sparse} ({ring:.2e})"
+                if ring > 0
+                else f"and {ring:.2e} on the {sparse}"
+            )
+            + f" (the claim shows below {EXACT_TOL:g} of it: rounding)."
+        )
+        text.append("")
+    else:
+        text += [f"**{NOT_RUN}.**", ""]
+    fb = {
+        t: seed_stats([r for p in PARTITIONS for r in cells[(t, p, "fedex-lora")]])["bytes_round"]
+        for t in PEER_TOPOLOGIES
+    }
+    db = {
+        t: seed_stats([r for p in PARTITIONS for r in cells[(t, p, "dlora")]])["bytes_round"] for t in PEER_TOPOLOGIES
+    }
+    ratio = [
+        f"{t}: {fb[t] / db[t]:.0f}x" for t in PEER_TOPOLOGIES if not (np.isnan(fb[t]) or np.isnan(db[t])) and db[t]
+    ]
+    if ratio:
+        text += [f"The price: FedEx-LoRA sends the dense correction E, {', '.join(ratio)} DLoRA's bytes per round.", ""]
+    return text + rows + [""]
+
+
+EXACT_TOL = 1e-3
+
+
+def mechanism_table(cells, methods: list[str]) -> str:
+    """Every statistic each peer method declares, mean over rounds 2 onwards and runs, per topology: what the
+    methods measure of their own mixing (round 1 is skipped as in C5: every agent still shares A)."""
+    lines = [
+        "| method | statistic | " + " | ".join(PEER_TOPOLOGIES) + " |",
+        "|---|---|" + "---|" * len(PEER_TOPOLOGIES),
+    ]
+    n = 0
+    for m in methods:
+        rs = {t: [r for p in PARTITIONS for r in cells[(t, p, m)]] for t in PEER_TOPOLOGIES}
+        declared = list(
+            dict.fromkeys(
+                k for t in PEER_TOPOLOGIES for r in rs[t] if r["group"] == "peers" for k in r.get("stats", [])
+            )
+        )
+        for k in declared:
+            vals = [stat_mean(rs[t], k, skip_first=True) for t in PEER_TOPOLOGIES]
+            lines.append(f"| {m} | `{k}` | " + " | ".join("n/a" if np.isnan(v) else f"{v:.4g}" for v in vals) + " |")
+            n += 1
+    return "\n".join(lines) if n else f"{NOT_RUN}."
+
+
+# ---------------------------------------------------------------------------------------------- (c) heterogeneous ranks
+def het_cells(runs: list[dict]) -> dict[tuple[str, str, str], list[dict]]:
+    cells = defaultdict(list)
+    for r in runs:
+        if r["group"] == "hetrank":
+            cells[(r["topology"], r["partition"], r["algorithm"])].append(r)
+    return cells
+
+
+def group_accuracy(rs: list[dict], rank: int) -> dict:
+    """Per seed, the mean accuracy of the agents that were given ``rank``; mean and std over seeds."""
+    seeds = {}
+    for r in rs:
+        ranks = r.get("agent_ranks") or het_agent_ranks()
+        acc = [a for a, k in zip(r["final_accuracy"], ranks) if k == rank]
+        if acc:
+            seeds[r["seed"]] = float(np.mean(acc))
+    v = np.array(list(seeds.values()))
+    return {
+        "seeds": seeds,
+        "n": len(seeds),
+        "mean_s": float(v.mean()) if v.size else float("nan"),
+        "std_s": float(v.std()) if v.size else float("nan"),
+    }
+
+
+def het_section(runs: list[dict]) -> str:
+    cells = het_cells(runs)
+    agents = het_agent_ranks()
+    groups = {k: [a for a, r in enumerate(agents) if r == k] for k in HET_RANKS}
+    lines = [
+        "| topology | partition | method | all agents | "
+        + " | ".join(f"rank {k} (agents {', '.join(map(str, groups[k]))})" for k in HET_RANKS)
+        + " | rank 8 - rank 2 (paired) | MB sent per agent |",
+        "|---|---|---|---|" + "---|" * (len(HET_RANKS) + 2),
+    ]
+    pruned = []
+    for part in HET_PARTITIONS:
+        for topo in HET_TOPOLOGIES:
+            for m in HET_METHODS:
+                rs = cells[(topo, part, m)]
+                if not rs:
+                    lines.append(f"| {topo} | {part} | {m} | {NOT_RUN} |" + " |" * (len(HET_RANKS) + 2))
+                    continue
+                st = seed_stats(rs)
+                g = {k: group_accuracy(rs, k) for k in HET_RANKS}
+                hi, lo = max(HET_RANKS), min(HET_RANKS)
+                gap = paired_gap(g[hi], g[lo])
+                lines.append(
+                    f"| {topo} | {part} | {m} | {fmt_seeds(st)} | "
+                    + " | ".join(fmt_seeds(g[k]) if g[k]["n"] else NOT_RUN for k in HET_RANKS)
+                    + f" | {gap[0]:+.3f} ({gap[2]}/{gap[3]} seeds >= 0) | {mb(st['bytes'])} |"
+                )
+                for r in rs:
+                    fr = r.get("final_rank")
+                    if fr and any(x is not None and x != y for x, y in zip(fr, r.get("agent_ranks") or agents)):
+                        pruned.append(f"{r['key']}: final ranks {fr}")
+    settings = [(t, p) for p in HET_PARTITIONS for t in HET_TOPOLOGIES]
+    text = [
+        f"Agents of ranks {', '.join(map(str, HET_RANKS))} repeated over the {len(agents)} agents (`lora.ranks`), "
+        f"factors stored at width {HET_RANK} with alpha {HET_ALPHA:g} (the LoRA scale of the grid); topologies "
+        f"{', '.join(HET_TOPOLOGIES)}; partitions {', '.join(HET_PARTITIONS)} (round-robin is left out: it gives "
+        "agent a the class a mod 3, the very pattern of the ranks, so rank groups would be class groups); the same "
+        f"budget and seeds. {sum(len(v) for v in cells.values())} of "
+        f"{len(HET_METHODS) * len(settings) * len(SEEDS)} runs finished. Accuracy: mean ± std over seeds; a rank "
+        "group's accuracy is the mean over its agents.",
+        "",
+        "\n".join(lines),
+        "",
+    ]
+    if pruned:
+        text += ["Ranks changed during training in: " + "; ".join(pruned) + ".", ""]
+    same = []
+    for t, p in settings:
+        a, b = acc_stats(cells[(t, p, "decaf")]), acc_stats(cells[(t, p, "flexlora")])
+        same += [abs(a["seeds"][s] - b["seeds"][s]) for s in set(a["seeds"]) & set(b["seeds"])]
+    if same:
+        text += [
+            f"DeCAF and FlexLoRA (a DeCAF preset) differ by at most {max(same):.2e} in accuracy per (setting, seed) "
+            f"over {len(same)} pairs" + (": the same rule here." if max(same) == 0 else "."),
+            "",
+        ]
+    for label, a, b, source in HET_CLAIMS:
+        text += claim_block(cells, label, a, b, source, settings, runs)
+    return "\n".join(text)
+
+
+# ---------------------------------------------------------------------------------------------- (d) which method when
+def indistinguishable(best: dict, other: dict) -> bool | None:
+    """Whether ``other`` cannot be told apart from ``best``: the paired gap best - other is within N_SE standard
+    errors of zero (None when fewer than two seeds are paired: not assessed)."""
+    d = paired_diffs([(best, other)])
+    if d.size < 2:
+        return None
+    return judge(d)[0] != "shows"
+
+
+def which_method_when(cells, methods: list[str]) -> str:
+    """Per setting: the best method by mean accuracy, the methods within the seed noise of it (paired over seeds,
+    the N_SE rule), and the cheapest of that group in bytes per agent per round; then how often each method is in
+    such a group. Methods with fewer than two paired seeds are listed as not yet tested, never as ties."""
+    rows, top_count, n_settings, untested_any = [], defaultdict(int), 0, False
+
+    def name(m: str) -> str:
+        return f"{m} (no graph)" if m in NO_GRAPH else m
+
+    for topo, part in peer_settings():
+        st = {m: seed_stats(cells[(topo, part, m)]) for m in methods}
+        ran = [m for m in methods if st[m]["n"]]
+        if not ran:
+            rows.append(f"- {topo} + {part}: {NOT_RUN}.")
+            continue
+        n_settings += 1
+        best = max(ran, key=lambda m: st[m]["mean_s"])
+        ties, untested = [], []
+        for m in ran:
+            if m != best:
+                same = indistinguishable(st[best], st[m])
+                (untested if same is None else ties if same else []).append(m)
+        top = [best, *sorted(ties, key=lambda m: -st[m]["mean_s"])]
+        for m in top:
+            top_count[m] += 1
+        line = (
+            f"- **{topo} + {part}**: best {name(best)} ({fmt(st[best]['mean_s'])}; {mb(st[best]['bytes_round'])} MB "
+            "per agent per round)"
+        )
+        if len(top) > 1:
+            cheapest = min(top, key=lambda m: st[m]["bytes_round"])
+            line += (
+                "; within the seed noise of it: "
+                + ", ".join(f"{name(m)} ({fmt(st[m]['mean_s'])}; {mb(st[m]['bytes_round'])} MB)" for m in top[1:])
+                + f"; the cheapest of this group: {name(cheapest)}"
+            )
+        elif len(ran) > 1 + len(untested):
+            line += "; every other method tested is below it by more than the seed noise"
+        if untested:
+            untested_any = True
+            line += f"; not yet tested (fewer than two seeds): {', '.join(untested)}"
+        rows.append(line + ".")
+    if not n_settings:
+        return f"{NOT_RUN}."
+    ranked = sorted(top_count.items(), key=lambda kv: (-kv[1], kv[0]))
+    R = budget_value("rounds")
+    seen = int(R) * int(budget_value("local_steps")) * int(budget_value("task.batch_size"))
+    text = [
+        "Per setting, the method with the best mean accuracy and the methods whose paired gap to it (over seeds) is "
+        f"within {N_SE:g} standard errors of zero, with the bytes each agent sends per round; (no graph): local "
+        "does not communicate, fedavg goes through a server.",
+        "",
+        *rows,
+        "",
+        "In the best group most often: "
+        + ", ".join(f"{name(m)} ({k} of {n_settings} settings)" for m, k in ranked[:8])
+        + ".",
+        "",
+        f"Caveats of this budget: {R} rounds and {seen} training examples per agent, {len(SEEDS)} seeds, one "
+        "learning rate for every method (ADF-LoRA's and TAD-LoRA's papers swept it per method, peers.md §2.4, "
+        "§3.4), default options, one evaluation at the end. A method that pays off only over many rounds "
+        "(alternating phases, switching intervals) is judged here before it can, and with "
+        f"{len(SEEDS)} seeds a gap must be large to leave the seed noise."
+        + (" Some methods have fewer than two seeds so far and are not yet compared." if untested_any else ""),
+    ]
+    return "\n".join(text)
+
+
+def peers_sections(runs: list[dict]) -> list[str]:
+    """The report's new sections (a)-(d), as Markdown lines."""
+    methods = all_methods(runs)
+    cells = method_cells(runs, ("peers", "peers-diag"))
+    n_peers = sum(r["group"] == "peers" for r in runs)
+    rates = [r["majority_rate"] for r in runs if r["group"] in ("grid", "peers")]
+    majority = float(np.mean(rates)) if rates else float("nan")
+    planned = len(peer_methods()) * len(PEER_TOPOLOGIES) * len(PARTITIONS) * len(SEEDS)
+    parts = [
+        "## Every method side by side",
+        "",
+        f"The grid's methods and every other registered method ({', '.join(peer_methods())}) on "
+        f"{' and '.join(PEER_TOPOLOGIES)}, every partition, seeds {', '.join(map(str, SEEDS))}, the same budget "
+        f"and splits ({n_peers} of {planned} peer runs finished; local and FedAvg use no graph and appear under both "
+        "topologies). Accuracy: mean ± std over seeds of the mean over agents (bold: best in the column). MB sent "
+        "per agent: the whole run, payloads once per receiver. Methods run with their default options.",
+        "",
+        methods_tables(cells, methods),
+        "",
+        f"![every method]({fig_methods(cells, methods, majority)})",
+        "",
+        "## The peer papers' claims at this budget",
+        "",
+        "Each claim is tested on paired seeds (same split, same training seed) over the settings above; DLoRA is the "
+        "gossip form of FedIT / plain LoRA, the baseline the papers compare with. The verdict: *shows* when the mean "
+        f"paired gap exceeds {N_SE:g} standard errors, *reversed* when it is below minus {N_SE:g}, else *does not "
+        "show at this budget*; when a claim does not show, the facts under it are measured, not argued.",
+        "",
+    ]
+    for label, a, b, source in PEER_CLAIMS:
+        parts += claim_block(cells, label, a, b, source, peer_settings(), runs)
+    tad, _ = tad_block(cells)
+    parts += tad
+    parts += fedex_block(cells)
+    parts += [
+        "### What each method measures of its own mixing",
+        "",
+        "Every statistic a peer method declares, mean over agents, rounds 2 onwards, partitions and seeds.",
+        "",
+        mechanism_table(cells, [m for m in methods if m not in ALGOS]),
+        "",
+        "## Heterogeneous ranks",
+        "",
+        het_section(runs),
+        "",
+        "## Which method when",
+        "",
+        which_method_when(cells, methods),
+        "",
+    ]
+    return parts
 
 
 def write(runs, syn) -> str:
@@ -426,7 +1144,10 @@ def write(runs, syn) -> str:
         "under every topology.",
         f"- Runs finished: {len(grid)} of {planned_grid} in the grid, {sum(r['group'] == 'ablation' for r in runs)} "
         "ablation runs, "
-        f"{sum(len(rs) for sw in sweeps.values() for rs in sw.values())} rank-sweep runs; {hours:.2f} core-hours in "
+        f"{sum(len(rs) for sw in sweeps.values() for rs in sw.values())} rank-sweep runs, "
+        f"{sum(r['group'] == 'peers' for r in runs)} peer-method runs, "
+        f"{sum(r['group'] == 'peers-diag' for r in runs)} diagnostic runs and "
+        f"{sum(r['group'] == 'hetrank' for r in runs)} heterogeneous-rank runs; {hours:.2f} core-hours in "
         "all (two runs at a time, one core each). "
         f"Majority-class rate of the test set: {majority:.3f}.",
         "",
@@ -533,6 +1254,7 @@ def write(runs, syn) -> str:
     ]
     for part in ABLATION_PARTITIONS:
         parts += [f"**Ring + {part}.**", "", t_ab[part], ""]
+    parts += peers_sections(runs)
     discussion = os.path.join(HERE, "discussion.md")
     if os.path.exists(discussion):
         parts += [open(discussion).read().strip(), ""]

@@ -2,11 +2,20 @@
 
 Every run is one ``decaf run`` of the library (the same Simulation users get) on the real pretrained MiniLM and the
 real tweets, scaled down to fit a 2-core machine (see ``BUDGET``). A run is named by a key that spells its
-settings; its directory holds the usual run files. The runner reads finished runs back from their directories and
-resumes half-finished ones from their last checkpoint, so an interrupted ``make reproduce`` loses at most the
-rounds in progress; on a fresh clone (no ``reproduce/runs/``) it recomputes everything.
+settings; its directory holds the usual run files. A run whose compact record is already in
+``reproduce/results/runs.jsonl`` (with the same overrides) is not run again: the committed records are the study's
+memory, so a later session only adds the runs the plan gained. Otherwise the runner reads finished runs back from
+their directories and resumes half-finished ones from their last checkpoint, so an interrupted ``make reproduce``
+loses at most the rounds in progress. ``--redo`` ignores the records and recomputes (a fresh clone with ``--redo``
+recomputes everything).
 
-Run: ``python reproduce/study.py [--workers 2] [--only KEY_PREFIX] [--list]``.
+Groups of runs (the key's first word): ``grid`` (DeCAF and the baselines on every topology and partition),
+``peers`` (every other registered method on the ring and the complete graph, same seeds and budget: the list comes
+from the registry, so a method added later joins the plan by itself), ``peers-diag`` (ADF-LoRA with its head
+trained, to explain a claim), ``hetrank`` (agents of ranks 2, 4 and 8),
+``ablation`` (DeCAF's policies) and ``sweep`` (the rank sweep of claim C5).
+
+Run: ``python reproduce/study.py [--workers 2] [--only KEY_PREFIX] [--list] [--redo]``.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import json
 import os
 import shutil
 import sys
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
@@ -40,6 +50,13 @@ BUDGET = [
     "lora.alpha=8",
     "optim.lr=0.004",
 ]
+
+
+def budget_value(name: str) -> str:
+    """A setting of ``BUDGET`` (e.g. the number of agents), so that the plan and the report never restate it."""
+    return dict(o.split("=", 1) for o in BUDGET)[name]
+
+
 SEEDS = (0, 1, 2)
 TOPOLOGIES = ("ring", "complete", "bipartite")
 PARTITIONS = {
@@ -49,6 +66,28 @@ PARTITIONS = {
 }
 GOSSIP = ("decaf", "dlora", "dlora-fa")
 NO_GRAPH = ("local", "fedavg")  # neither depends on the graph: run once per split, reported under every topology
+# The peer methods run on the two extremes of connectivity that the grid already has for the baselines: the sparse
+# ring (slowest mixing, where the peers' claims about cross terms and switching intervals should show most) and the
+# complete graph (one mix is an exact average). The bipartite graph is left to the grid: it would cost 3 partitions x
+# 3 seeds = 9 more runs per method, for a setting where no method learns much at this budget.
+PEER_TOPOLOGIES = ("ring", "complete")
+# One diagnostic, not a tuning: ADF-LoRA (like the papers' setting) freezes the classification head, which in this
+# task is randomly initialised, while DLoRA trains and averages it. The same runs with the head trained separate
+# that difference from the alternation itself when the report tests "ADF-LoRA beats DLoRA". (label, algo, overrides)
+PEER_DIAGNOSTICS = [("adf-lora+head-trained", "adf-lora", ["algorithm_options={head: trained}"])]
+# Heterogeneous ranks: the short list is repeated over the agents (agent a has rank HET_RANKS[a % 3]), factors are
+# stored at the padded width HET_RANK, and alpha keeps the LoRA scale alpha / width at the grid's 2 (8 / 4), so that
+# a rank-4 agent here trains exactly as one of the grid's. The methods are the ones built for different ranks (and
+# DeCAF, whose truncation handles them too); FedHL is the library's reading of it (no public code).
+HET_RANKS = (2, 4, 8)
+HET_RANK = max(HET_RANKS)
+HET_ALPHA = float(budget_value("lora.alpha")) / int(budget_value("lora.rank")) * HET_RANK  # BUDGET's scale (2)
+HET_METHODS = ("decaf", "flexlora", "hetlora", "fedhl")
+HET_TOPOLOGIES = ("ring", "complete")
+# IID isolates the effect of the ranks; Dirichlet 0.1 adds label skew. Round-robin is left out on purpose: it gives
+# agent a the class a % 3, the same pattern as the ranks (a % 3), so every rank group would be one class and the
+# rank groups' accuracies would measure the classes, not the ranks.
+HET_PARTITIONS = ("iid", "dirichlet-0.1")
 # Policy ablations on the hardest setting (ring, Dirichlet 0.1): (label, algorithm, overrides)
 ABLATIONS = [
     ("decaf/balanced", "decaf", ["algorithm_options={split: balanced}"]),
@@ -73,13 +112,26 @@ SWEEP_SCALINGS = ("scale-fixed", "alpha-fixed")
 class Run:
     key: str
     overrides: list[str]
-    group: str  # grid, ablation or sweep
+    group: str  # grid, peers, peers-diag, hetrank, ablation or sweep
     info: dict = field(default_factory=dict)
+
+
+def peer_methods() -> list[str]:
+    """Every registered method the grid does not already run: the registry's list, so a new method joins by itself."""
+    from decaf_lora import algorithms
+
+    return [a for a in algorithms.available() if a not in (*GOSSIP, *NO_GRAPH)]
+
+
+def het_agent_ranks() -> list[int]:
+    """Each agent's rank in the heterogeneous runs (``lora.ranks`` repeated over the agents, as the config does)."""
+    return [HET_RANKS[a % len(HET_RANKS)] for a in range(int(budget_value("agents")))]
 
 
 def planned_runs() -> list[Run]:
     """Every run of the study, seed 0 of everything first so that a partial study is already a complete picture."""
     runs: list[Run] = []
+    peers = peer_methods()
     for seed in SEEDS:
         seed_o = [f"seed={seed}", f"split_seed={seed}"]
         for part, part_o in PARTITIONS.items():
@@ -102,6 +154,54 @@ def planned_runs() -> list[Run]:
                         {"topology": "any", "partition": part, "algorithm": algo, "seed": seed},
                     )
                 )
+        for part, part_o in PARTITIONS.items():
+            for topo in PEER_TOPOLOGIES:
+                for algo in peers:
+                    runs.append(
+                        Run(
+                            f"peers/{topo}/{part}/{algo}/s{seed}",
+                            [*BUDGET, *part_o, *seed_o, f"topology.name={topo}", f"algorithm={algo}"],
+                            "peers",
+                            {"topology": topo, "partition": part, "algorithm": algo, "seed": seed},
+                        )
+                    )
+        for part, part_o in PARTITIONS.items():
+            for topo in PEER_TOPOLOGIES:
+                for label, algo, extra in PEER_DIAGNOSTICS:
+                    runs.append(
+                        Run(
+                            f"peers-diag/{topo}/{part}/{label}/s{seed}",
+                            [*BUDGET, *part_o, *seed_o, f"topology.name={topo}", f"algorithm={algo}", *extra],
+                            "peers-diag",
+                            {"topology": topo, "partition": part, "algorithm": algo, "label": label, "seed": seed},
+                        )
+                    )
+        for part in HET_PARTITIONS:
+            for topo in HET_TOPOLOGIES:
+                for algo in HET_METHODS:
+                    runs.append(
+                        Run(
+                            f"hetrank/{topo}/{part}/{algo}/s{seed}",
+                            [
+                                *BUDGET,
+                                *PARTITIONS[part],
+                                *seed_o,
+                                f"topology.name={topo}",
+                                f"algorithm={algo}",
+                                f"lora.rank={HET_RANK}",
+                                f"lora.alpha={HET_ALPHA}",
+                                f"lora.ranks=[{','.join(map(str, HET_RANKS))}]",
+                            ],
+                            "hetrank",
+                            {
+                                "topology": topo,
+                                "partition": part,
+                                "algorithm": algo,
+                                "seed": seed,
+                                "agent_ranks": het_agent_ranks(),
+                            },
+                        )
+                    )
         for part in ABLATION_PARTITIONS:  # keys of the first (Dirichlet) set predate the second
             prefix = "ablation" if part == "dirichlet-0.1" else f"ablation-{part}"
             for label, algo, extra in ABLATIONS:
@@ -158,19 +258,41 @@ def run_one(run: Run, runs_dir: str) -> dict:
     run_dir = os.path.join(runs_dir, *run.key.split("/"))
     cfg = load_config(None, [*run.overrides, f"name={run.key.replace('/', '-')}", f"out_dir={runs_dir}"])
     wrapped = None
-    if cfg.algorithm in ("decaf", "dlora"):  # C5: both consensus rules on the same factors, every round
+    # C5: both consensus rules on the same factors, every round; only where the report reads it (grid, ablation,
+    # sweep: the shadow compares equal-rank factors and costs a second mix per round)
+    if cfg.algorithm in ("decaf", "dlora") and run.group in ("grid", "ablation", "sweep"):
         wrapped = ShadowConsensus(algorithms.get(cfg.algorithm, **cfg.algorithm_options))
+    declared = list((wrapped or algorithms.get(cfg.algorithm, **cfg.algorithm_options)).stats)
     if not os.path.exists(os.path.join(run_dir, "summary.json")):
         resumable = bool(checkpoint.list_shards(run_dir))
         if not resumable and os.path.isdir(run_dir):
             shutil.rmtree(run_dir)  # a run of this study that finished no round: nothing to keep
         os.makedirs(os.path.dirname(run_dir), exist_ok=True)
         make_engine(cfg, algorithm=wrapped, run_dir=run_dir, resume=resumable, progress=False).run()
-    return record(run, run_dir)
+    return record(run, run_dir, declared)
 
 
-def record(run: Run, run_dir: str) -> dict:
-    """What the report needs from a run directory: the summary and the per-round means of the logged diagnostics."""
+# The diagnostics every record keeps, whatever the method (the report's C1-C5 read them); a method's own declared
+# statistics (``Algorithm.stats``) are added to these per run, so a new method's diagnostics reach the records
+# without a change here.
+PER_ROUND_KEYS = (
+    "train_loss",
+    "consensus_distance",
+    "tsvd_tail",
+    "tsvd_tail_bound",
+    "tsvd_tail_ratio",
+    "factor_norm_c",
+    "shadow_dlora_gap",
+    "shadow_dlora_gap_relative",
+    "shadow_dlora_interference",
+    "shadow_decaf_truncation",
+)
+
+
+def record(run: Run, run_dir: str, declared: list[str] | tuple[str, ...] = ()) -> dict:
+    """What the report needs from a run directory: the summary, the per-round mean and max over agents of the logged
+    diagnostics (the fixed ones and every statistic the method declares), each agent's final rank, and the overrides
+    (so that a changed plan is recognised as a different run)."""
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
     from shadow import with_relative_gap
@@ -179,30 +301,22 @@ def record(run: Run, run_dir: str) -> dict:
         metrics = with_relative_gap([json.loads(line) for line in f if line.strip()])
     rounds = sorted({m["round"] for m in metrics})
     per_round = {}
-    for key in (
-        "train_loss",
-        "consensus_distance",
-        "tsvd_tail",
-        "tsvd_tail_bound",
-        "tsvd_tail_ratio",
-        "factor_norm_c",
-        "shadow_dlora_gap",
-        "shadow_dlora_gap_relative",
-        "shadow_dlora_interference",
-        "shadow_decaf_truncation",
-    ):
+    for key in dict.fromkeys([*PER_ROUND_KEYS, *declared]):
         series = []
         for t in rounds:
             vals = [m[key] for m in metrics if m["round"] == t and m.get(key) is not None]
             series.append(None if not vals else {"mean": sum(vals) / len(vals), "max": max(vals)})
         per_round[key] = series
-    final = [m for m in metrics if m["round"] == rounds[-1]]
+    final = sorted((m for m in metrics if m["round"] == rounds[-1]), key=lambda m: m["agent"])
     return {
         "key": run.key,
         "group": run.group,
         **run.info,
-        "final_accuracy": [m["eval_accuracy"] for m in sorted(final, key=lambda m: m["agent"])],
-        "final_f1": [m["eval_f1"] for m in sorted(final, key=lambda m: m["agent"])],
+        "overrides": list(run.overrides),
+        "stats": list(declared),
+        "final_accuracy": [m["eval_accuracy"] for m in final],
+        "final_f1": [m["eval_f1"] for m in final],
+        "final_rank": [m.get("rank") for m in final],
         "majority_rate": summary["majority_rate"],
         "spectral_gap": summary["spectral_gap"],
         "wall_seconds": summary["wall_seconds"],
@@ -219,32 +333,52 @@ def write_results(records: list[dict], path: str = RESULTS) -> None:
     write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in sorted(records, key=lambda r: r["key"])))
 
 
+def load_records(path: str | None = None) -> dict[str, dict]:
+    """The records finished so far (of ``RESULTS``, read when called), by key."""
+    path = path or RESULTS
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return {rec["key"]: rec for rec in (json.loads(line) for line in f if line.strip())}
+
+
+def is_recorded(run: Run, rec: dict | None) -> bool:
+    """Whether ``rec`` is this run's finished record. Records written before the overrides were stored (the first
+    153 runs) are taken as they are: their keys spell their settings and the plan kept those keys unchanged."""
+    return rec is not None and rec.get("overrides", run.overrides) == run.overrides
+
+
+def runs_to_do(runs: list[Run], records: dict[str, dict], redo: bool = False) -> list[Run]:
+    """The runs still to compute, in plan order (seed 0 first): those without a matching record, or all with redo."""
+    return [r for r in runs if redo or not is_recorded(r, records.get(r.key))]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=2, help="runs in parallel, one core each")
     ap.add_argument("--only", default="", help="run only the keys starting with this prefix, e.g. grid/ring")
     ap.add_argument("--list", action="store_true", help="print the planned runs and exit")
+    ap.add_argument("--redo", action="store_true", help="recompute runs that already have a record")
     ap.add_argument("--runs-dir", default=RUNS_DIR)
     args = ap.parse_args(argv)
     if args.workers < 1:
         ap.error(f"--workers={args.workers} is invalid; use 1 or more (one core each).")
     runs = [r for r in planned_runs() if r.key.startswith(args.only)]
+    records = load_records()  # the committed records of runs not redone now (e.g. with --only) stay in the file
+    todo = runs_to_do(runs, records, args.redo)
     if args.list:
-        print("\n".join(r.key for r in runs))
-        print(f"{len(runs)} runs")
+        print("\n".join(f"{r.key}{'' if r in todo else '  (recorded)'}" for r in runs))
+        counts = Counter(r.group for r in runs)
+        print(f"{len(runs)} runs ({', '.join(f'{g}: {n}' for g, n in counts.items())}); {len(todo)} still to run")
         return 0
     from tqdm import tqdm
 
-    records = {}  # the committed records of runs not redone now (e.g. with --only) stay in the file
-    if os.path.exists(RESULTS):
-        with open(RESULTS) as f:
-            records = {rec["key"]: rec for rec in (json.loads(line) for line in f if line.strip())}
     # a run whose directory holds a summary is only read back; everything else is (re)computed
     with (
         ProcessPoolExecutor(max_workers=args.workers) as pool,
-        tqdm(total=len(runs), desc="study runs", unit="run") as bar,
+        tqdm(total=len(todo), desc="study runs", unit="run") as bar,
     ):
-        futures = {pool.submit(run_one, r, args.runs_dir): r for r in runs}
+        futures = {pool.submit(run_one, r, args.runs_dir): r for r in todo}
         for fut in as_completed(futures):
             rec = fut.result()
             records[rec["key"]] = rec
