@@ -392,8 +392,13 @@ PEER_CLAIMS = [  # (label, method a, method b, claim: a beats b, where peers.md 
     ("DIMAT beats DLoRA", "dimat", "dlora", "§9.1: activation matching above plain decentralized averaging"),
 ]
 HET_CLAIMS = [
-    ("FedHL beats HetLoRA", "fedhl", "hetlora", "§8.1: 1-3 % above heterogeneous-LoRA methods (our reading of FedHL)"),
-    ("FedHL beats FlexLoRA", "fedhl", "flexlora", "§8.1: as above"),
+    (
+        "FedHL (our reading) beats HetLoRA",
+        "fedhl",
+        "hetlora",
+        "§8.1: 1-3 % above heterogeneous-LoRA methods; the rule tested is ours, not the paper's",
+    ),
+    ("FedHL (our reading) beats FlexLoRA", "fedhl", "flexlora", "§8.1: as above"),
     ("FlexLoRA beats HetLoRA", "flexlora", "hetlora", "§12.6: SVD truncation better conditioned than cutting slots"),
 ]
 # Which of a method's own diagnostics explain what its mixing changed: (after, before, what the ratio means).

@@ -15,6 +15,9 @@ def files(tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"text": "a", "label": 1}\n{"text": "b", label: 2}\n')
     (tmp_path / "not_objects.jsonl").write_text("[1, 2]\n")
     (tmp_path / "empty_cells.csv").write_text("text,label\nhello,pos\n,neg\n")
+    (tmp_path / "keys_gap.csv").write_text(
+        "text,label,user\n" + "".join(f"t{i},{i % 2},{'' if i == 7 else i % 3}\n" for i in range(60))
+    )
     (tmp_path / "keys.csv").write_text("text,label,user\n" + "".join(f"t{i},{i % 2},u{i % 3}\n" for i in range(60)))
     (tmp_path / "edges_bad.txt").write_text("0 1\n1 x\n")
     (tmp_path / "bad.yaml").write_text("agents: [1,\n")
@@ -45,6 +48,8 @@ CASES = [
     (["topology=star", "topology.mixing=uniform"], "mixing='uniform' needs every agent to have the same degree"),
     (["topology=bipartite", "topology.params={hubs: 99}"], "hubs=99 is invalid for 4 agents"),
     (["topology=ring", "topology.params={hubs: 2}"], "topology 'ring' does not take hubs"),
+    (["topology=erdos_renyi", "topology.params={seed: -1}"], "seed=-1 is invalid for erdos_renyi; use an integer"),
+    (["name=" + "x" * 300], "is 300 bytes long; a run directory adds the method, seed and time"),
     (["topology=edges", "topology.params={edges: /no/file.txt}"], "edges='/no/file.txt' is not a readable file"),
     (["topology=edges", "topology.params={edges: FILES/edges_bad.txt}"], "line 2 reads '1 x'"),
     (["topology.link_drop=2"], "topology.link_drop=2.0 is too large; use a value in [0, 1)."),
@@ -76,7 +81,16 @@ CASES = [
     (["task.dataset=FILES/one_class.csv"], "has 1 distinct value(s); classification needs at least 2 classes."),
     (["task.dataset=FILES/broken.jsonl"], "line 2 is not valid JSON"),
     (["task.dataset=FILES/not_objects.jsonl"], "line 1 is not a JSON object"),
-    (["task.dataset=FILES/empty_cells.csv"], "row 2 has an empty 'text' or 'label'"),
+    (["task.dataset=FILES/empty_cells.csv"], "row 2 has no value in column 'text'"),
+    (
+        ["task.dataset=FILES/keys_gap.csv", "partition.scheme=natural", "partition.key=user"],
+        "no value in column 'user'",
+    ),
+    (["seed=-1"], "seed=-1 is too small; use a value in [0, 4294967296)"),
+    (["split_seed=99999999999999999999999"], "split_seed=99999999999999999999999 is too large"),
+    (["seed=" + "9" * 5000], "seed="),
+    (["lora.targets=[1]"], "lora.targets=[1] is invalid; each entry must be a string"),
+    (["algorithm_options={1: 2, a: 3}"], "algorithm_options has the key 1; its keys must be option names"),
     (["task.dataset=digits"], "task.dataset='digits' holds images; use it with task.kind=clip."),
     (["task.kind=clip", "task.dataset=tweets"], "task.dataset='tweets' is not an image data set"),
     (["task.model=/no/model"], "task.model='/no/model' is not a local directory and the Hugging Face hub cannot be"),

@@ -512,6 +512,19 @@ def test_a_single_agent_mix_keeps_its_product_and_needs_an_optimizer_to_reset(ti
     assert json.loads((tmp_path / "m.jsonl").read_text().splitlines()[0])["round"] == 1
 
 
+def test_an_existing_metrics_file_is_never_overwritten(tiny_model, one_process_group, tmp_path):
+    from decaf_lora import DecafError
+    from decaf_lora.gossip import Gossip
+
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("my own notes\n")
+    with pytest.raises(DecafError, match="already exists; name a new file"):
+        Gossip(tiny_model, "ring", "decaf", every=2, metrics_path=mine)
+    assert mine.read_text() == "my own notes\n"
+    with pytest.raises(DecafError, match="not writable"):
+        Gossip(tiny_model, "ring", "decaf", every=2, metrics_path=tmp_path / "no" / "such" / "m.jsonl")
+
+
 def test_every_registered_method_runs_through_gossip_or_is_refused(one_process_group):
     """The plumbing every method may ask for (per-agent state, start factors, base corrections, rank changes,
     phases) works in a one-process group; only a method that needs activations from the agent's data is refused."""

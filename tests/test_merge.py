@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 import decaf_lora
 from decaf_lora.errors import DecafError
 from decaf_lora.merge import format_report
+from decaf_lora.rundir import current_umask
 
 TARGETS = ["query", "key", "value", "dense"]
 PREFIX = "base_model.model."
@@ -351,7 +352,7 @@ def test_never_forms_the_dense_matrix(adapters, monkeypatch):
     assert not layer_shapes & set(seen) and all(max(s) <= 6 for s in seen)
 
 
-def test_overwrite_replaces_only_a_previous_adapter_directory(adapters, tmp_path):
+def test_overwrite_replaces_only_a_previous_merge(adapters, tmp_path):
     out = tmp_path / "merged"
     out.mkdir()  # an existing empty directory is fine
     decaf_lora.merge_adapters(adapters, rank=2, out_dir=str(out))
@@ -361,14 +362,17 @@ def test_overwrite_replaces_only_a_previous_adapter_directory(adapters, tmp_path
     decaf_lora.merge_adapters(adapters, rank=3, out_dir=str(out), overwrite=True)
     assert read(str(out))[1]["r"] == 3
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".merge")]  # no temporary directory left behind
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~current_umask()  # an ordinary folder, not mkdtemp's 0700
 
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "adapter_config.json").write_text("{}")
     (precious / "notes.txt").write_text("mine")
-    with pytest.raises(DecafError, match="not a PEFT adapter directory"):
+    with pytest.raises(DecafError, match="not the output of a previous merge"):
         decaf_lora.merge_adapters(adapters, out_dir=str(precious), overwrite=True)
     assert sorted(os.listdir(precious)) == ["adapter_config.json", "notes.txt"]
+    with pytest.raises(DecafError, match="not the output of a previous merge"):  # a user's own adapter, README and all
+        decaf_lora.merge_adapters(adapters[:2], out_dir=adapters[2], overwrite=True)
     with pytest.raises(DecafError, match="one of the input adapters"):
         decaf_lora.merge_adapters(adapters, out_dir=adapters[0], overwrite=True)
 
@@ -407,7 +411,21 @@ def bad(seq_base, adapters, tmp_path_factory):
     with open(os.path.join(wide_adapter, "adapter_config.json"), "w") as fh:
         json.dump(wide_cfg, fh)
 
+    from safetensors.torch import load_file, save_file
+
+    inf_factor = root / "inf-factor"
+    shutil.copytree(adapters[1], inf_factor)
+    tensors = load_file(inf_factor / "adapter_model.safetensors")
+    first_a = next(k for k in sorted(tensors) if "lora_A" in k)
+    tensors[first_a][0, 0] = float("inf")
+    save_file(tensors, inf_factor / "adapter_model.safetensors")
+
     return {
+        "alpha_list": edited("alpha-list", alpha_pattern=[1, 2]),
+        "alpha_string": edited("alpha-string", lora_alpha="8"),
+        "alpha_nan": edited("alpha-nan", lora_alpha=float("nan")),
+        "rank_pattern_float": edited("rank-pattern-float", rank_pattern={"query": 2.5}),
+        "inf_factor": str(inf_factor),
         "missing": str(root / "no-such-adapter"),
         "bin_only": str(bin_only),
         "other_base": edited("other-base", base_model_name_or_path="someone/another-model"),
@@ -427,6 +445,12 @@ BAD_CASES = {
     "different target modules": (lambda g, b: [g[0], b["other_targets"]], {}, "same target modules"),
     "different shapes": (lambda g, b: [g[0], b["other_shapes"]], {}, "is 24 x 24 in adapter"),
     "DoRA": (lambda g, b: [g[0], b["dora"]], {}, "use_dora=True"),
+    "alpha_pattern a list": (lambda g, b: [g[0], b["alpha_list"]], {}, "alpha_pattern"),
+    "lora_alpha a string": (lambda g, b: [g[0], b["alpha_string"]], {}, "lora_alpha='8'"),
+    "lora_alpha NaN": (lambda g, b: [g[0], b["alpha_nan"]], {}, "lora_alpha=nan"),
+    "rank_pattern a float": (lambda g, b: [g[0], b["rank_pattern_float"]], {}, "rank_pattern"),
+    "infinite factor": (lambda g, b: [g[0], b["inf_factor"]], {}, "NaN or infinite values"),
+    "weights summing past the largest float": (lambda g, b: g, {"weights": [1e308, 1e308, 1]}, "largest float"),
     "negative weight": (lambda g, b: g, {"weights": [1, -1, 1]}, "negative value"),
     "NaN weight": (lambda g, b: g, {"weights": [1, float("nan"), 1]}, "non-finite"),
     "wrong number of weights": (lambda g, b: g, {"weights": [1, 1]}, "weights has 2 values but 3 adapters"),
@@ -448,6 +472,15 @@ def test_bad_inputs_give_one_sentence(adapters, bad, tmp_path, case):
     msg = str(info.value)
     assert fragment in msg and one_sentence(msg), msg
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".merge")]
+
+
+def test_an_out_dir_that_is_a_link_is_refused_before_the_merge(adapters, tmp_path):
+    target = tmp_path / "empty"
+    target.mkdir()
+    (tmp_path / "link").symlink_to(target)
+    with pytest.raises(DecafError, match="is a symbolic link"):
+        decaf_lora.merge_adapters(adapters, out_dir=str(tmp_path / "link"))
+    assert os.listdir(target) == [] and os.path.islink(tmp_path / "link")
 
 
 def test_a_non_empty_out_dir_is_refused_and_left_alone(adapters, tmp_path):

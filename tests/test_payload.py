@@ -5,8 +5,9 @@ import torch
 from conftest import cfg_for, digits_task
 
 from decaf_lora import run
-from decaf_lora.config import load_config
+from decaf_lora.config import POISONS, load_config
 from decaf_lora.engine import make_engine
+from decaf_lora.engine.screening import outgoing, screen
 from decaf_lora.payload import PayloadSpec, encode
 
 
@@ -64,3 +65,12 @@ def test_with_equal_ranks_a_payload_carries_no_rank_and_must_be_full(tmp_path):
     parts[0] = parts[0][:, :1].contiguous()
     reason, _ = spec.decode(*encode(parts))
     assert reason == "a tensor of 128 bytes instead of B of layer 0 (32, 2) float32"
+
+
+@pytest.mark.parametrize("kind", POISONS)
+def test_the_screen_refuses_every_poison_and_accepts_the_honest_payload(states, kind):
+    spec = PayloadSpec.of(states, ("A", "B"))
+    honest, parts = screen(spec, *outgoing(spec, spec.pack(states, 1), None), max_norm=1e4)
+    assert honest is None and all(torch.equal(p, r) for p, r in zip(parts, spec.rows(states, 1)))
+    reason, parts = screen(spec, *outgoing(spec, spec.pack(states, 1), kind), max_norm=1e4)
+    assert reason and parts == []

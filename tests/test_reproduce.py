@@ -350,7 +350,8 @@ def test_report_peer_sections_compute_claims_het_ranks_and_which_method_when(tmp
     )
     assert "| ring | iid | decaf | not run yet |" in text
     assert (
-        "**FedHL beats FlexLoRA: does not show at this budget.** Over 3 (setting, seed) pairs the mean paired gap "
+        "**FedHL (our reading) beats FlexLoRA: does not show at this budget.** Over 3 (setting, seed) pairs the mean "
+        "paired gap "
         "fedhl - flexlora is +0.000" in text
     )
     # (d) which method when: dlora best on ring + iid, adf-lora and tad-lora clearly below it

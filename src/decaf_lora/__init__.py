@@ -3,7 +3,8 @@
 ``decaf_lora.run(config)`` trains (config: a YAML path, a dict or a :class:`RunConfig`). The layers below it are
 importable on their own: :mod:`decaf_lora.topology` (graphs, mixing matrices, schedules),
 :mod:`decaf_lora.partition` (data splits), :mod:`decaf_lora.lowrank` (exact factored truncated SVD),
-:mod:`decaf_lora.algorithms` (local, dlora, dlora-fa, decaf, fedavg behind one interface), :mod:`decaf_lora.tasks`.
+:mod:`decaf_lora.algorithms` (DeCAF, the baselines and the peer methods behind one interface; ``decaf methods``
+lists them), :mod:`decaf_lora.tasks`.
 """
 
 from . import algorithms, lowrank, partition, topology

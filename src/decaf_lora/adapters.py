@@ -276,7 +276,8 @@ class AgentStates:
     def consensus_distance(self, agents=None, sum_over_all=None) -> torch.Tensor:
         """Per agent of ``agents`` (default: all): sum over layers of ``||s B_i A_i (+ E_i) - mean_j (...)||_F``, the
         mean taken over every agent of the network. ``sum_over_all`` turns the sum of these agents' products into the
-        network's (a distributed process all-reduces it); both engines compute it here, so they round alike."""
+        network's (a distributed process all-reduces it). Both engines compute it here; the all-reduced sum adds partial
+        sums, so across engines the distance may differ in its last bits (it is a reported metric, not mixed)."""
         rows = list(range(self.n_agents)) if agents is None else list(agents)
         index = torch.tensor(rows, device=self.A[0].device)
         total = torch.zeros(len(rows), dtype=torch.float64)

@@ -228,7 +228,7 @@ def export(run_dir: str, agent: int | None, consensus: bool, out_dir: str, overw
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="New or empty directory to write.")
 @click.option("--weights", default=None, metavar="W1,W2,...", help="One weight >= 0 per adapter, normalised to sum 1.")
 @click.option("--rank", type=int, default=None, help="Rank of the merged adapter [default: largest input rank].")
-@click.option("--overwrite", is_flag=True, help="Replace --out if it is a previous PEFT adapter directory.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it holds a previous merge (never anything else).")
 def merge(adapter_dirs: tuple[str, ...], out_dir: str, weights: str | None, rank: int | None, overwrite: bool) -> None:
     """Merge LoRA adapters of one base model: per layer the best rank-R fit of the weighted sum of products."""
     from .merge import format_report, merge_adapters, parse_weights
@@ -242,9 +242,11 @@ def merge(adapter_dirs: tuple[str, ...], out_dir: str, weights: str | None, rank
 @main.command()
 @click.argument("run_dir", type=click.Path())
 def report(run_dir: str) -> None:
-    """Rebuild a run's plots and markdown report, and print the report."""
+    """Rebuild a run's plots and markdown report, and print the report (a finished, verified run only)."""
+    from .engine import verified_run
     from .report import write_report
 
+    verified_run(run_dir)
     path = write_report(run_dir)
     with open(path, encoding="utf-8") as fh:
         click.echo(fh.read())

@@ -52,19 +52,29 @@ def compare(
     if isinstance(config, RunConfig):
         config = config.to_dict()
     overrides = list(overrides)
-    base = load_config(config, overrides)  # validates once, before any training
-    out_dir, leader = _output_dir(base)
-    summaries, dirs = [], {}
+    base = load_config(config, overrides)
+    # every run's config is checked before the first one trains: a method that refuses the config (ranks, options)
+    # must not be found out hours into the comparison
+    planned, problems = [], []
     for seed in range(seeds):
         for algo in names:
             # the base config's algorithm options belong to its own algorithm only
             extra = [] if algo == base.algorithm else ["algorithm_options={}"]
-            cfg = load_config(
-                config, [*overrides, f"algorithm={algo}", f"seed={base.seed + seed}", f"out_dir={out_dir}", *extra]
-            )
-            res = make_engine(cfg, task, progress=progress).run()
-            summaries.append(res.summary)
-            dirs.setdefault(res.summary["algorithm"], []).append(res.run_dir)
+            try:
+                planned.append(
+                    load_config(config, [*overrides, f"algorithm={algo}", f"seed={base.seed + seed}", *extra])
+                )
+            except ConfigError as exc:
+                problems += [p for p in exc.problems if p not in problems]
+    if problems:
+        raise ConfigError(problems)
+    out_dir, leader = _output_dir(base)
+    summaries, dirs = [], {}
+    for cfg in planned:
+        cfg.out_dir = out_dir
+        res = make_engine(cfg, task, progress=progress).run()
+        summaries.append(res.summary)
+        dirs.setdefault(res.summary["algorithm"], []).append(res.run_dir)
     table = compare_table(summaries)
     if leader:
         title = f"# {base.name}: comparison over {seeds} seed(s)\n\n{table}\n\n![accuracy](compare.png)\n"

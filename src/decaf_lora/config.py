@@ -16,6 +16,8 @@ import dataclasses
 import difflib
 import math
 import os
+import re
+import reprlib
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,6 +29,50 @@ from .errors import DecafError
 from .registry import ALGORITHMS, ENGINES, GRAPHS, MIXING_RULES, PARTITIONS, SCHEDULES, TASKS, Registry, choices_of
 
 #: What a poisoned agent can be made to send (faults.poison); :mod:`decaf_lora.engine.screening` implements them.
+
+
+class YamlLoader(yaml.SafeLoader):
+    """YAML with the plain scalars of YAML 1.2's core schema: only true/false are booleans (``[no, yes]`` stays two
+    words, not [False, True]) and ``010`` is ten (not octal eight), as every other modern tool reads them."""
+
+
+def _core_schema(loader: type[yaml.SafeLoader]) -> None:
+    bool_tag, int_tag, float_tag = (f"tag:yaml.org,2002:{t}" for t in ("bool", "int", "float"))
+    loader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag not in (bool_tag, int_tag, float_tag)]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    loader.add_implicit_resolver(bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+    loader.add_implicit_resolver(int_tag, re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+    loader.add_implicit_resolver(
+        float_tag,
+        re.compile(
+            r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+        ),
+        list("-+.0123456789"),
+    )
+    loader.add_constructor(int_tag, lambda ld, node: int(ld.construct_scalar(node)))
+
+
+_core_schema(YamlLoader)
+
+
+def shown(value: Any) -> str:
+    """A value as an error message quotes it: its repr, cut short (a YAML alias bomb or a 5000-digit number must not
+    turn one sentence into megabytes, or hang)."""
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxstring, r.maxlong, r.maxother = 3, 8, 8, 8, 80, 40, 80
+    try:
+        return r.repr(value)
+    except ValueError:  # an int beyond Python's digit limit for str()
+        return f"<an integer of about {value.bit_length() * 0.30103:.0f} digits>"
+
+
+def read_yaml(text_or_stream):
+    """Parse YAML with :class:`YamlLoader` (safe: plain data only, never Python objects)."""
+    return yaml.load(text_or_stream, Loader=YamlLoader)  # noqa: S506 - YamlLoader is a SafeLoader
+
+
 POISONS = ("nan", "shape", "scale")
 STATE_POLICIES = ("reset", "keep")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -74,11 +120,20 @@ def _device_problem(value: str) -> str | None:
     return "is not known; use cpu, cuda, cuda:N or auto"
 
 
+#: Room left for ``-<method>-s<seed>-<YYYYmmdd-HHMMSS>[-N]`` within the usual 255-byte cap on a file name.
+MAX_NAME_BYTES = 160
+
+
 def _name_problem(value: str) -> str | None:
     """A run's name becomes a directory name under out_dir, so it must not be able to point anywhere else."""
     text = str(value)
     if not text.strip() or text.strip(".") == "" or any(c in text for c in "/\\\0") or text.startswith("."):
         return "cannot name a run directory; use letters, digits, '-' and '_', without '/' or a leading '.'"
+    if len(text.encode()) > MAX_NAME_BYTES:
+        return (
+            f"is {len(text.encode())} bytes long; a run directory adds the method, seed and time to it and file "
+            f"systems cap a name at 255 bytes, so use at most {MAX_NAME_BYTES}"
+        )
     return None
 
 
@@ -114,7 +169,11 @@ class LoraConfig:
         8.0, "LoRA alpha (PEFT's lora_alpha): scale = alpha / r, or alpha / sqrt(r) with rslora", ge=0
     )
     dropout: float = option(0.0, "dropout on the LoRA input", ge=0, lt=1)
-    targets: list = option([], "module names to adapt; empty = the task's default (query, key, value, dense for BERT)")
+    targets: list = option(
+        [],
+        "module names to adapt; empty = the task's default (query, key, value, dense for BERT)",
+        items={"type": str},
+    )
     rslora: bool = option(False, "rank-stabilized scaling alpha / sqrt(r) (CLIP-LoRA's convention)")
 
 
@@ -165,7 +224,9 @@ class TaskConfig:
         choices=DTYPES,
     )
     label_names: list = option(
-        [], "words for the classes in sorted label order, e.g. [no, yes] (used by clip prompts and causal-lm answers)"
+        [],
+        "words for the classes in sorted label order, e.g. [no, yes] (used by clip prompts and causal-lm answers)",
+        items={"type": str},
     )
 
 
@@ -210,8 +271,10 @@ class RunConfig:
     rounds: int = option(12, "communication rounds", ge=1)
     local_steps: int = option(5, "local optimizer steps per agent between exchanges", ge=1)
     eval_every: int = option(6, "evaluate every this many rounds (and always after the last)", ge=1)
-    seed: int = option(0, "training seed: initialization, batch order, dropout")
-    split_seed: int = option(0, "data-split seed: test hold-out, subsampling and the partition over agents")
+    seed: int = option(0, "training seed: initialization, batch order, dropout", ge=0, lt=2**32)
+    split_seed: int = option(
+        0, "data-split seed: test hold-out, subsampling and the partition over agents", ge=0, lt=2**32
+    )
     device: str = option("cpu", "cpu, cuda, cuda:N or auto", check=_device_problem)
     out_dir: str = option("runs", "where run directories are created")
     engine: str = option(
@@ -246,9 +309,14 @@ def _sections(cls=RunConfig) -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
 
 
+def _number(value) -> str:
+    """A bound as a person writes it: integers in full (4294967296, not 4.29497e+09), other numbers short."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
 def _interval(meta: dict) -> str:
-    lo = f"[{meta['ge']:g}" if "ge" in meta else f"({meta['gt']:g}" if "gt" in meta else "(-inf"
-    hi = f"{meta['le']:g}]" if "le" in meta else f"{meta['lt']:g})" if "lt" in meta else "inf)"
+    lo = f"[{_number(meta['ge'])}" if "ge" in meta else f"({_number(meta['gt'])}" if "gt" in meta else "(-inf"
+    hi = f"{_number(meta['le'])}]" if "le" in meta else f"{_number(meta['lt'])})" if "lt" in meta else "inf)"
     return f"{lo}, {hi}"
 
 
@@ -259,7 +327,7 @@ def allowed_text(meta: dict) -> str:
     bounds = [k for k in ("ge", "gt", "le", "lt") if k in meta]
     if len(bounds) == 1:
         sign = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}[bounds[0]]
-        return f"{sign} {meta[bounds[0]]:g}"
+        return f"{sign} {_number(meta[bounds[0]])}"
     if bounds:
         return "in " + _interval(meta)
     if "items" in meta:
@@ -319,7 +387,7 @@ def _coerce(path: str, value: Any, typ: type, problems: list[str]) -> Any:
         dict: isinstance(value, dict),
     }[typ]
     if not ok:
-        problems.append(f"{path}={value!r} has the wrong type; it must be {_KIND[typ]}.")
+        problems.append(f"{path}={shown(value)} has the wrong type; it must be {_KIND[typ]}.")
         return None
     if typ is float:
         return float(value)
@@ -344,34 +412,41 @@ def check_value(name: str, value: Any, meta: dict) -> tuple[Any, str | None]:
         allowed = choices_of(spec)
         if value in allowed:
             return value, None
-        return value, f"{name}={value!r} is not known; choose one of: {', '.join(sorted(allowed))}."
+        return value, f"{name}={shown(value)} is not known; choose one of: {', '.join(sorted(allowed))}."
     if "items" in meta and isinstance(value, list):
         out, item_meta = [], meta["items"]
-        kind = "an integer" if item_meta.get("type") is int else "a value"
+        kind = {int: "an integer", str: "a string (quote a word YAML reads otherwise)"}.get(
+            item_meta.get("type"), "a value"
+        )
         each = f"each entry must be {kind}" + (f" {allowed_text(item_meta)}" if allowed_text(item_meta) else "")
         for item in value:
             if item_meta.get("type") is int:
                 item = item if isinstance(item, int) and not isinstance(item, bool) else _as_int(item)
+            elif item_meta.get("type") is str and not isinstance(item, str):
+                item = None
             if item is None or check_value(name, item, item_meta)[1]:
-                return value, f"{name}={value!r} is invalid; {each}."
+                return value, f"{name}={shown(value)} is invalid; {each}."
             out.append(item)
         value = out
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if not math.isfinite(value):
-            return value, f"{name}={value} is invalid; use a finite number."
+            return value, f"{name}={shown(value)} is invalid; use a finite number."
         low = ("ge" in meta and value < meta["ge"]) or ("gt" in meta and value <= meta["gt"])
         high = ("le" in meta and value > meta["le"]) or ("lt" in meta and value >= meta["lt"])
         bounded_both = any(k in meta for k in ("ge", "gt")) and any(k in meta for k in ("le", "lt"))
         if (low or high) and bounded_both:
-            return value, f"{name}={value} is too {'small' if low else 'large'}; use a value in {_interval(meta)}."
+            return (
+                value,
+                f"{name}={shown(value)} is too {'small' if low else 'large'}; use a value in {_interval(meta)}.",
+            )
         if low:
-            return value, f"{name}={value} is too small; use a value {allowed_text(meta)}."
+            return value, f"{name}={shown(value)} is too small; use a value {allowed_text(meta)}."
         if high:
-            return value, f"{name}={value} is too large; use a value {allowed_text(meta)}."
+            return value, f"{name}={shown(value)} is too large; use a value {allowed_text(meta)}."
     if "check" in meta:
         problem = meta["check"](value)
         if problem:
-            return value, f"{name}={value!r} {problem}."
+            return value, f"{name}={shown(value)} {problem}."
     return value, None
 
 
@@ -434,8 +509,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ConfigError([f"override {text!r} is not of the form key=value; write e.g. agents=16 or lora.rank=8."])
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = read_yaml(raw) if raw.strip() else ""
+    except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: an integer too long to convert
         value = raw
     return key.strip(), value
 
@@ -453,9 +528,13 @@ def read_config_file(path: str) -> dict:
         )
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
+            data = read_yaml(fh) or {}
     except UnicodeDecodeError:
         raise ConfigError([f"config file {path!r} is not UTF-8 text; save it as UTF-8."]) from None
+    except (ValueError, RecursionError):
+        raise ConfigError(
+            [f"config file {path!r} holds a number too long or nesting too deep to read; a config is a few lines."]
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -513,6 +592,9 @@ def algorithm_option_problems(name: str, options: dict, prefix: str = "algorithm
     """Options of one algorithm against the fields its class declares (the same generic checks as the config)."""
     cls = ALGORITHMS.get(name)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    not_names = [k for k in options if not isinstance(k, str)]
+    if not_names:
+        return [f"{prefix.rstrip('.')} has the key {not_names[0]!r}; its keys must be option names (strings)."]
     unknown = sorted(set(options) - set(fields))
     if unknown:
         listed = ", ".join(sorted(fields)) or "none"

@@ -10,6 +10,7 @@ import csv
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,7 +50,7 @@ def _encode_labels(raw: list, field_name: str) -> tuple[np.ndarray, list[str]]:
             )
 
     def order(s: str):
-        numeric = s.lstrip("-").isdigit()
+        numeric = re.fullmatch(r"-?[0-9]+", s) is not None  # ASCII digits only: "²" and "--5" are words
         return (not numeric, int(s) if numeric else 0, s)
 
     names = sorted({str(v) for v in raw}, key=order)
@@ -196,13 +197,12 @@ def load_text_table(path: str, text_column: str, label_column: str, key_column: 
                         f"{', '.join(map(str, columns))}."
                     ]
                 )
-    missing = [i for i, r in enumerate(rows) if any(r.get(c) in (None, "") for c in [*text_cols, label_column])]
+    needed = [*text_cols, label_column, *([key_column] if key_column else [])]
+    missing = [(i, c) for i, r in enumerate(rows) for c in needed if r.get(c) in (None, "")]
     if missing:
+        row, col = missing[0]
         raise ConfigError(
-            [
-                f"task.dataset={path!r} row {missing[0] + 1} has an empty {text_column!r} or {label_column!r}; fill or "
-                "drop such rows."
-            ]
+            [f"task.dataset={path!r} row {row + 1} has no value in column {col!r}; fill or drop such rows."]
         )
     labels, names = _encode_labels([r[label_column] for r in rows], f"task.label_column={label_column!r}")
     extra = {"key": np.array([str(r[key_column]) for r in rows])} if key_column else {}

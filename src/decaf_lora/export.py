@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 
 import torch
@@ -25,7 +26,7 @@ import torch
 from .adapters import ADAPTER, adapted_layers, agent_state, consensus_state, head_parameters
 from .config import load_config
 from .errors import DecafError
-from .rundir import _UMASK, FILE_MODE, check_run_dir, load_tensors, verified_identity, write_json
+from .rundir import check_run_dir, dir_mode, file_mode, load_tensors, verified_identity, write_json
 
 MARKER = "decaf_export.json"
 EXPORT_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md", MARKER}
@@ -93,8 +94,7 @@ def check_out_dir(out_dir: str, run_dir: str, overwrite: bool) -> None:
     entries = set(os.listdir(target))
     if not entries:
         return
-    previous = MARKER in entries and entries <= EXPORT_FILES
-    if not previous:
+    if not _is_previous_export(target):
         raise DecafError(
             f"--out {out_dir!r} is not empty and is not a previous export; give a new directory (nothing there is "
             "deleted or overwritten)."
@@ -180,12 +180,19 @@ def _move_into_place(model, out_dir: str, marker: dict, overwrite: bool) -> str:
             json.load(fh)  # sanity: PEFT wrote a readable config
         write_json(os.path.join(tmp, MARKER), marker)
         for name in os.listdir(tmp):  # ordinary permissions, whatever the writers of PEFT's files chose
-            os.chmod(os.path.join(tmp, name), FILE_MODE)
-        os.chmod(tmp, 0o777 & ~_UMASK)
+            os.chmod(os.path.join(tmp, name), file_mode())
+        os.chmod(tmp, dir_mode())
         if os.path.isdir(target) and os.listdir(target):  # a previous export, checked by check_out_dir
             old = tempfile.mkdtemp(dir=parent, prefix=".export-old-")
             os.rmdir(old)
             os.replace(target, old)
+            if not _is_previous_export(old):  # something appeared there while the adapter was being built
+                os.replace(old, target)
+                old = None
+                raise DecafError(
+                    f"--out {out_dir!r} changed while the adapter was built and is no longer only a previous export; "
+                    "give a new directory (nothing there was deleted or overwritten)."
+                )
         elif os.path.isdir(target):
             os.rmdir(target)  # empty: nothing of anyone's is lost
         os.replace(tmp, target)
@@ -194,6 +201,16 @@ def _move_into_place(model, out_dir: str, marker: dict, overwrite: bool) -> str:
         if old and not os.path.exists(target):
             os.replace(old, target)
         raise
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+    if old:  # the previous export's own files only; a directory someone else wrote into stays (rmdir refuses)
+        for name in EXPORT_FILES & set(os.listdir(old)):
+            os.unlink(os.path.join(old, name))
+        try:
+            os.rmdir(old)
+        except OSError:
+            print(f"warning: left {old!r} in place: it holds files the previous export did not write.", file=sys.stderr)
     return out_dir
+
+
+def _is_previous_export(path: str) -> bool:
+    entries = set(os.listdir(path))
+    return MARKER in entries and entries <= EXPORT_FILES

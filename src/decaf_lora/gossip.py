@@ -272,6 +272,8 @@ class Gossip:
         if problem and not _dist().is_initialized():
             raise DecafError(problem)
         store, rank, world = _ensure_group()
+        if not problem and rank == 0 and metrics_path is not None:
+            problem = _metrics_path_problem(os.fspath(metrics_path))
         self.model, self.rank, self.world = model, rank, world
         self.every, self.optimizer, self.state_after_mix = every, optimizer, state_after_mix
         self.metrics_path = os.fspath(metrics_path) if metrics_path is not None else None
@@ -335,7 +337,7 @@ class Gossip:
             "seed": seed,
             "state_after_mix": self.state_after_mix,
         }
-        return {"A": digest.hexdigest(), "layers": shapes, "config": config, "data_size": data_size or 1}
+        return {"A": digest.hexdigest(), "layers": shapes, "config": config, "data_size": data_size}
 
     def _own_factors(self) -> dict[str, list[torch.Tensor]]:
         return {"A": [A.clone() for A in self.states.A], "B": [B.clone() for B in self.states.B]}
@@ -414,7 +416,7 @@ class Gossip:
             "round": t + 1,
             "agent": me,
             **stats,
-            "neighbors": int(np.count_nonzero(plan.W[me]) - (plan.W[me, me] != 0)),
+            "neighbors": int(np.count_nonzero(W[me]) - (W[me, me] != 0)),
             "rejected": ex.faults.rejected.get(me, []),
             "timed_out": ex.faults.timed_out.get(me, []),
             "payload_rejected": ex.faults.reasons.get(me),
@@ -427,10 +429,12 @@ class Gossip:
         if self.metrics_path and me == 0:
             try:
                 write_jsonl(self.metrics_path, self.metrics)
-            except OSError as exc:
-                raise DecafError(
-                    f"could not write metrics_path={self.metrics_path!r} ({exc.strerror or exc}); name a writable file."
-                ) from None
+            except OSError as exc:  # warned, not raised: raising on process 0 alone would leave the others waiting
+                warnings.warn(
+                    f"could not write metrics_path={self.metrics_path!r} ({exc.strerror or exc}); the rows stay in "
+                    "Gossip.metrics.",
+                    stacklevel=2,
+                )
         self.round += 1
         self._exchanges += 1
         self._last = time.perf_counter()
@@ -520,6 +524,16 @@ def _algorithm(algorithm, options: dict) -> Algorithm:
     return algo
 
 
+def _metrics_path_problem(path: str) -> str | None:
+    """The metrics file must be new (nothing is overwritten) and its folder writable, checked before training."""
+    if os.path.exists(path) and (not os.path.isfile(path) or os.path.getsize(path) > 0):
+        return f"metrics_path={path!r} already exists; name a new file (nothing is overwritten)."
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        return f"metrics_path={path!r} is in a folder that does not exist or is not writable; name a writable file."
+    return None
+
+
 def _agree(transport: Transport, facts: dict, problem: str | None, rank: int) -> tuple[str | None, list]:
     """Compare every process's set-up once (one small all-gather), so that a refusal is raised on every process
     alike instead of leaving the others waiting in the first exchange: the first problem anywhere is everyone's.
@@ -529,7 +543,14 @@ def _agree(transport: Transport, facts: dict, problem: str | None, rank: int) ->
         if part["problem"]:
             return (part["problem"] if r == rank else f"process {r} refused its set-up: {part['problem']}"), []
     first = everyone[0]
-    sizes = [part["data_size"] for part in everyone]
+    given = [part["data_size"] is not None for part in everyone]
+    if any(given) and not all(given):  # a missing size read as 1 would silently skew a server method's weights
+        r = given.index(not given[0])
+        return (
+            f"process {r} {'gave' if given[r] else 'gave no'} data_size while process 0 "
+            f"{'did' if given[0] else 'did not'}; give every agent's data_size, or none of them (equal weights)."
+        ), []
+    sizes = [part["data_size"] or 1 for part in everyone]
     for r, part in enumerate(everyone):
         if part["layers"] != first["layers"]:
             return (

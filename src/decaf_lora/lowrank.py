@@ -132,8 +132,8 @@ GRAM_ABOVE_WORK = 1 << 24
 
 #: A Gram result is kept when its first-order error bound on every returned singular value is at most this, relative
 #: to the largest, per result dtype: for float32 the accuracy the factored TSVD promises (the Householder path's own
-#: float32 error is about 4e-7 on random inputs, ``benchmarks/bench_tsvd.py``); for float64 a bound the squared
-#: condition number lets a float64 Gram meet only on well-conditioned inputs (Householder gets about 1e-15).
+#: float32 error is about 1e-6 on random inputs, ``benchmarks/bench_tsvd.py`` section "inputs"); for float64 a bound
+#: the squared condition number lets a float64 Gram meet only on well-conditioned inputs (Householder: about 1e-15).
 GRAM_CERTIFY = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 #: Gram-path U and Vh are kept when their predicted departure from orthonormality is at most this many unit
@@ -219,11 +219,12 @@ def _gram_rounding(dtype: torch.dtype, n: int) -> float:
     """``g`` with ``|fl(X X^T) - X X^T|_ab <= g |x_a| |x_b|`` for rows of n entries computed in ``dtype``.
 
     ``sqrt(n) u`` (u the unit roundoff) is the probabilistic bound of Higham and Mary (2019), which holds for any
-    summation order a BLAS may choose. MKL's sgemm stays below ``9 u`` up to n = 16384 (``benchmarks/bench_tsvd.py``,
-    section "gram rounding"), so at n = 4096 the model is about 7x pessimistic: certificates built on it err on the
-    safe side.
+    summation order a BLAS may choose; it is floored at ``16 u`` because for short rows it has no slack left (MKL's
+    sgemm measured 7.0 u at n = 64). For long rows it is pessimistic (4.7 u measured at n = 4096 against 64 u), so
+    certificates built on it err on the safe side. Measured by ``benchmarks/bench_tsvd.py``, section
+    "gram rounding".
     """
-    return torch.finfo(dtype).eps / 2 * math.sqrt(max(n, 1))
+    return torch.finfo(dtype).eps / 2 * max(math.sqrt(n), 16.0)
 
 
 @dataclass(frozen=True)
@@ -236,8 +237,8 @@ class _Root:
     R: torch.Tensor  # (b, q, q)
     pinv: torch.Tensor  # (b, q, q), R^+ (zero columns where a row was dropped)
     keep: torch.Tensor  # (b, q) bool
-    dropped: torch.Tensor  # (b, q) an upper bound on each dropped direction's true eigenvalue, 0 where kept
-    vectors: torch.Tensor  # (b, q, q) columns D h_j: the dropped directions in unscaled coordinates
+    dropped: torch.Tensor | None  # (b, q) an upper bound on each dropped direction's true eigenvalue, 0 where kept
+    vectors: torch.Tensor | None  # (b, q, q) columns D h_j: the dropped directions in unscaled coordinates
     any_dropped: bool  # whether any entry took the eigen-decomposition (only those can drop directions)
 
 
@@ -257,27 +258,32 @@ def _scaled_root(G: torch.Tensor, g: float) -> _Root:
     tau = q * g
     D = G.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
     Dinv = torch.where(D > 0, D.reciprocal(), 0.0)
-    H = G * Dinv[..., :, None] * Dinv[..., None, :] + torch.diag_embed((D == 0).to(G.dtype))
+    H = G * (Dinv[..., :, None] * Dinv[..., None, :])
+    H.diagonal(dim1=-2, dim2=-1).masked_fill_(D == 0, 1.0)
     L, info = torch.linalg.cholesky_ex(H)
     eye = torch.eye(q, dtype=G.dtype, device=G.device)
     Linv = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
     chol = (info == 0) & (Linv.pow(2).sum((-2, -1)) * tau < 1)
-    R, pinv = L.mT * D[..., None, :], Dinv[..., :, None] * Linv.mT
-    keep = (D > 0).expand_as(D).clone()
-    dropped, vectors = torch.zeros_like(D), torch.zeros_like(G)
-    any_eig = not bool(chol.all())
-    if any_eig:
-        eig = (~chol).nonzero().squeeze(-1)
-        lam, h = torch.linalg.eigh(H[eig])
-        De, Dinve = D[eig], Dinv[eig]
-        kept = (lam > tau) & (h.pow(2) * (De > 0)[..., :, None]).sum(-2).gt(0.5)  # not an identity-padded column
-        lam_k = lam.clamp_min(tau)
-        R = R.index_copy(0, eig, torch.where(kept, lam_k.sqrt(), 0.0)[..., :, None] * h.mT * De[..., None, :])
-        pinv = pinv.index_copy(0, eig, Dinve[..., :, None] * h * torch.where(kept, lam_k.rsqrt(), 0.0)[..., None, :])
-        keep = keep.index_copy(0, eig, kept)
-        dropped = dropped.index_copy(0, eig, torch.where(kept, 0.0, tau + lam.abs()))
-        vectors = vectors.index_copy(0, eig, De[..., :, None] * h)
-    return _Root(R, pinv, keep, dropped, vectors, any_eig)
+    root = _Root(L.mT * D[..., None, :], Dinv[..., :, None] * Linv.mT, D > 0, None, None, False)
+    return root if bool(chol.all()) else _eigen_root(root, (~chol).nonzero().squeeze(-1), H, D, tau)
+
+
+def _eigen_root(root: _Root, eig: torch.Tensor, H: torch.Tensor, D: torch.Tensor, tau: float) -> _Root:
+    """``root`` with the entries ``eig`` redone from an eigen-decomposition of H; eigenvalues <= tau are dropped."""
+    lam, h = torch.linalg.eigh(H[eig])
+    De, Dinv = D[eig], torch.where(D[eig] > 0, D[eig].reciprocal(), 0.0)
+    kept = (lam > tau) & (h.pow(2) * (De > 0)[..., :, None]).sum(-2).gt(0.5)  # not an identity-padded column
+    lam_k = lam.clamp_min(tau)
+    R = torch.where(kept, lam_k.sqrt(), 0.0)[..., :, None] * h.mT * De[..., None, :]
+    pinv = Dinv[..., :, None] * h * torch.where(kept, lam_k.rsqrt(), 0.0)[..., None, :]
+    return _Root(
+        root.R.index_copy(0, eig, R),
+        root.pinv.index_copy(0, eig, pinv),
+        root.keep.index_copy(0, eig, kept),
+        torch.zeros_like(D).index_copy(0, eig, torch.where(kept, 0.0, tau + lam.abs())),
+        torch.zeros_like(H).index_copy(0, eig, De[..., :, None] * h),
+        True,
+    )
 
 
 @dataclass(frozen=True)
@@ -444,8 +450,10 @@ def truncated_svd_of_sum(B: torch.Tensor, A: torch.Tensor, weights, rank: int, *
             of them for the shape, see :func:`_resolve_method`).
 
     Computation happens in float64 if any input is float64, else float32 (bf16/fp16 are upcast); results are in
-    that dtype. All-zero or rank-deficient sums give zero singular values, never NaN. Every method returns singular
-    values within 1e-5 of the largest (float32) and U, Vh with orthonormal columns and rows. The result unpacks like
+    that dtype. All-zero or rank-deficient sums give zero singular values, never NaN. Every method returns U, Vh with
+    orthonormal columns and rows and singular values within about 1e-5 (float32) of ``sum_j |w_j| |B_j| |A_j|``
+    (spectral norms): that is the largest singular value when the terms do not cancel, as with mixing weights on
+    agents that roughly agree, but a sum that nearly cancels keeps only the absolute accuracy. The result unpacks like
     ``torch.linalg.svd``: ``U, S, Vh = truncated_svd_of_sum(...)``.
     """
     w = _check_inputs(B, A, weights)

@@ -45,6 +45,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -53,13 +54,16 @@ import torch.nn.functional as F
 
 from .errors import DecafError
 from .lowrank import split_factors, truncated_svd_of_sum
+from .rundir import dir_mode, file_mode
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 REPORT_NAME = "merge_report.json"
 #: Files a PEFT adapter directory (or a previous merge) may hold; only such a directory may be overwritten.
-ADAPTER_DIR_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME, REPORT_NAME, "README.md"})
+#: What a merge writes: ``overwrite`` replaces a directory holding these and nothing else (a previous merge).
+MERGE_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, REPORT_NAME})
+MERGED_BY = "decaf_lora.merge_adapters"
 #: Show a progress bar (on a terminal) from this many adapted layers on; fewer finish before one would help.
 PROGRESS_MIN_LAYERS = 32
 #: Layers merged per batched call (bounds memory: 16 x 4096 x 64 float64 stacks are 34 MB).
@@ -141,7 +145,7 @@ def merge_adapters(
         rank: rank of the merged adapter, ``1 <= rank <= min(d, k)`` of every layer. Default: the largest rank
             of any input layer.
         out_dir: if given, write a PEFT adapter directory there atomically (temporary directory + rename). It must
-            not exist or be empty; with ``overwrite=True`` it may also be a previous PEFT adapter directory.
+            not exist or be empty; with ``overwrite=True`` it may also be the output of a previous merge.
         progress: a tqdm bar over layers; ``None`` shows it on a terminal from ``PROGRESS_MIN_LAYERS`` layers on.
 
     Returns:
@@ -316,6 +320,9 @@ def _lora_config(raw, label: str):
         raise MergeError(
             f"adapter {label!r} has a config of type {type(raw).__name__}; pass a peft.LoraConfig or dict."
         )
+    problem = _scaling_problem(config)
+    if problem:
+        raise MergeError(f"adapter {label!r} has {problem}; fix its config.")
     unsupported = {
         "use_dora": config.use_dora,
         "lora_bias": config.lora_bias,
@@ -337,6 +344,27 @@ def _lora_config(raw, label: str):
             "merge plain LoRA adapters only."
         )
     return config
+
+
+def _scaling_problem(config) -> str | None:
+    """What in the rank and alpha fields cannot give a scale: PEFT takes any JSON there, the merge needs numbers."""
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not (isinstance(config.r, int) and not isinstance(config.r, bool) and config.r >= 1):
+        return f"r={config.r!r} (it must be an integer >= 1)"
+    if not number(config.lora_alpha):
+        return f"lora_alpha={config.lora_alpha!r} (it must be a finite number)"
+    for field_name, ints in (("rank_pattern", True), ("alpha_pattern", False)):
+        pattern = getattr(config, field_name) or {}
+        if not isinstance(pattern, Mapping):
+            return f"{field_name} of type {type(pattern).__name__} (it must map module names to numbers)"
+        for key, v in pattern.items():
+            ok = isinstance(v, int) and not isinstance(v, bool) and v >= 1 if ints else number(v)
+            if not isinstance(key, str) or not ok:
+                return f"{field_name}[{key!r}]={v!r} (it must be {'an integer >= 1' if ints else 'a finite number'})"
+    return None
 
 
 def _parse_state(state: Mapping, config, label: str) -> _Adapter:
@@ -372,6 +400,11 @@ def _parse_state(state: Mapping, config, label: str) -> _Adapter:
             raise MergeError(
                 f"adapter {label!r} layer {name!r} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}; a linear "
                 "LoRA layer needs float lora_A (r, k) and lora_B (d, r)."
+            )
+        if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())):
+            raise MergeError(
+                f"adapter {label!r} layer {name!r} holds NaN or infinite values in lora_A or lora_B; its training "
+                "diverged: merge a healthy adapter."
             )
         r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), name), config.r)
         alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), config.lora_alpha)
@@ -485,7 +518,12 @@ def _normalised_weights(weights, n: int) -> list[float]:
         raise MergeError(f"weights={w} contains a non-finite value; use finite weights >= 0.")
     if any(x < 0 for x in w):
         raise MergeError(f"weights={w} has a negative value; use weights >= 0 (a merge is a weighted average).")
-    total = math.fsum(w)
+    try:
+        total = math.fsum(w)
+    except OverflowError:
+        total = math.inf
+    if not math.isfinite(total):  # each weight is finite, their sum is not
+        raise MergeError(f"weights={w} sum beyond the largest float; scale them down (only their ratios matter).")
     if total <= 0:
         raise MergeError(f"weights={w} sum to 0; give at least one positive weight.")
     return [x / total for x in w]
@@ -543,6 +581,8 @@ def _merged_config(adapters: list[_Adapter], rank: int):
 
 def _check_out_dir(out_dir: str, overwrite: bool, inputs: Sequence) -> None:
     """Refuse, before any work, to write where something not ours would be lost."""
+    if os.path.islink(out_dir):  # it is renamed into place: a link would be replaced, not its target filled
+        raise MergeError(f"out_dir={out_dir!r} is a symbolic link; pass the directory itself, new or empty.")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise MergeError(f"out_dir={out_dir!r} is a file; pass a new or empty directory.")
     for item in inputs:
@@ -556,26 +596,34 @@ def _check_out_dir(out_dir: str, overwrite: bool, inputs: Sequence) -> None:
             f"out_dir={out_dir!r} exists and is not empty; pass a new or empty directory, or overwrite=True "
             "(--overwrite) to replace a previous adapter directory."
         )
-    if not _is_adapter_dir(out_dir):
+    if not _is_previous_merge(out_dir):
         raise MergeError(
-            f"out_dir={out_dir!r} is not a PEFT adapter directory (it must hold {CONFIG_NAME} and only adapter "
-            "files), so overwrite will not replace it; pass a new or empty directory."
+            f"out_dir={out_dir!r} is not the output of a previous merge (it must hold {REPORT_NAME} and only the files "
+            "a merge writes), so overwrite will not replace it; pass a new or empty directory."
         )
 
 
-def _is_adapter_dir(path: str) -> bool:
-    entries = os.listdir(path)
-    return CONFIG_NAME in entries and all(
-        e in ADAPTER_DIR_FILES and os.path.isfile(os.path.join(path, e)) and not os.path.islink(os.path.join(path, e))
-        for e in entries
-    )
+def _is_previous_merge(path: str) -> bool:
+    """Only a directory this function wrote may be replaced: its report says so, and nothing else was added."""
+    entries = set(os.listdir(path))
+    if REPORT_NAME not in entries or not entries <= MERGE_FILES:
+        return False
+    if any(os.path.islink(os.path.join(path, e)) or not os.path.isfile(os.path.join(path, e)) for e in entries):
+        return False
+    try:
+        with open(os.path.join(path, REPORT_NAME), encoding="utf-8") as fh:
+            report = json.load(fh)
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and report.get("merged_by") == MERGED_BY
 
 
 def _write_adapter_dir(out_dir: str, result: MergeResult, labels: list[str], overwrite: bool) -> str:
     """Write config, tensors and report into a temporary sibling directory, then rename it into place.
 
-    A crash leaves either nothing or a complete adapter; an existing adapter directory (``overwrite``) is moved
-    aside first and removed only once the new one is in place.
+    A crash leaves either nothing or a complete adapter; a previous merge (``overwrite``) is moved aside first and
+    removed only once the new one is in place (a crash between the two renames leaves it in a hidden
+    ``.merge-old-*`` sibling, never lost).
     """
     from safetensors.torch import save_file
 
@@ -589,7 +637,7 @@ def _write_adapter_dir(out_dir: str, result: MergeResult, labels: list[str], ove
         tensors = {k: v.detach().cpu().contiguous() for k, v in result.state_dict.items()}
         save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
         report = {
-            "merged_by": "decaf_lora.merge_adapters",
+            "merged_by": MERGED_BY,
             "inputs": labels,
             "weights": list(result.weights),
             "rank": result.rank,
@@ -602,6 +650,9 @@ def _write_adapter_dir(out_dir: str, result: MergeResult, labels: list[str], ove
         }
         with open(os.path.join(tmp, REPORT_NAME), "w", encoding="utf-8") as fh:
             json.dump(report, fh, indent=2)
+        for name in os.listdir(tmp):  # ordinary permissions (mkdtemp's directory is owner-only)
+            os.chmod(os.path.join(tmp, name), file_mode())
+        os.chmod(tmp, dir_mode())
         if os.path.isdir(out_dir) and os.listdir(out_dir):  # a previous adapter, checked above: move it aside
             old = tempfile.mkdtemp(dir=parent, prefix=".merge-old-")
             os.replace(out_dir, old)
@@ -613,6 +664,11 @@ def _write_adapter_dir(out_dir: str, result: MergeResult, labels: list[str], ove
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if old is not None:  # the previous merge's own files only; anything else keeps the folder (rmdir refuses)
+            for name in MERGE_FILES & set(os.listdir(old)):
+                os.unlink(os.path.join(old, name))
+            try:
+                os.rmdir(old)
+            except OSError:
+                warnings.warn(f"left {old!r} in place: it holds files the previous merge did not write.", stacklevel=2)
     return out_dir

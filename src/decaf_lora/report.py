@@ -24,13 +24,13 @@ def _save(fig, path: str) -> None:
     never write into the same temporary file, and the plot gets the permissions of any file the user creates."""
     import tempfile
 
-    from .rundir import FILE_MODE
+    from .rundir import file_mode
 
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix="." + os.path.basename(path) + ".", suffix=".tmp.png")
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.chmod(tmp, FILE_MODE)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

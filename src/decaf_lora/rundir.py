@@ -24,9 +24,32 @@ import torch
 
 from .errors import DecafError
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-FILE_MODE = 0o666 & ~_UMASK
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux says it (os.umask can only read by setting, which
+    races with other threads creating files); elsewhere, set and restored at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """Ordinary permissions for a new file, as ``open`` would give it (tempfile.mkstemp's are owner-only)."""
+    return 0o666 & ~current_umask()
+
+
+def dir_mode() -> int:
+    """Ordinary permissions for a new directory (tempfile.mkdtemp's are owner-only)."""
+    return 0o777 & ~current_umask()
+
+
 #: Largest run file read back into memory (metrics of very long runs stay far below this).
 MAX_READ_BYTES = 1 << 30
 
@@ -40,7 +63,7 @@ def _atomic(path: str, write, mode: str = "w") -> None:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, FILE_MODE)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -172,6 +195,19 @@ def fresh_dir(out_dir: str, stem: str) -> str:
         except OSError as exc:
             raise DecafError(f"cannot create {path!r} ({exc.strerror}); choose a writable out_dir.") from None
     raise DecafError(f"could not create a new directory under {out_dir!r}; remove old ones named {base!r}.")
+
+
+def make_dir(path: str, field_name: str = "run_dir") -> str:
+    """Create ``path`` (and its parents) for a new run, or say in one sentence why it cannot be."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise DecafError(f"{field_name}={path!r} is a file, not a directory; give a directory.")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise DecafError(
+            f"{field_name}={path!r} cannot be created ({exc.strerror}); choose a writable directory."
+        ) from None
+    return path
 
 
 IDENTITY = "run.json"

@@ -265,12 +265,12 @@ def test_tad_on_random_pairwise_encounters_matches_the_table_within_monte_carlo_
     """ER(p = 0.1) edge activation on 10 agents (= link failures with probability 0.9 on the complete graph, MH
     weights), where the spec's table gives rho = 0.646 and T = 5.
 
-    Tolerance 0.06 on rho: ``Network.mixing_rate`` averages ``W^T W`` over 256 rounds, and the top eigenvalue of that
-    average scatters by about 0.01 (std over 20 seeds) and sits about 0.04 *above* the truth (mean 0.675): by symmetry
-    every non-trivial eigenvalue of ``E[W^T W] - J`` is the same (9-fold), and sampling noise splits them, pushing
-    the largest up. The truth, ``(E||W||_F^2 - 1) / (N - 1)`` by that same symmetry, is 0.634; the table's own 4000
-    draws sit about 0.01 above it. Over 20 seeds the estimate stayed within 0.047 of 0.646. What matters is T: it is
-    5 for any rho in [0.556, 0.702), and it was 5 for all 20 seeds.
+    Tolerance 0.06 on rho, wide on purpose: ``Network.mixing_rate`` averages ``W^T W`` over 4096 rounds, and the top
+    eigenvalue of that average scatters by about 0.002 (std over seeds 0-7) and sits about 0.01 *above* the truth
+    (mean 0.6456): by symmetry every non-trivial eigenvalue of ``E[W^T W] - J`` is the same (9-fold), and sampling
+    noise splits them, pushing the largest up. The truth, ``(E||W||_F^2 - 1) / (N - 1)`` by that same symmetry, is
+    0.634; the table's own 4000 draws sit about 0.01 above it. What matters is T: it is 5 for any rho in
+    [0.556, 0.702).
     """
     algo = algorithms.get("tad-lora")
     algo.setup(facts(10, "complete", "link-failures", p=0.9, seed=0))

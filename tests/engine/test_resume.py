@@ -13,11 +13,67 @@ from conftest import cfg_for, digits_task
 from decaf_lora import algorithms
 from decaf_lora.config import ConfigError, load_config
 from decaf_lora.engine import checkpoint, make_engine, resume, run
+from decaf_lora.errors import DecafError
 from decaf_lora.rundir import read_metrics
 
 
 def without_timing(metrics):
     return [{k: v for k, v in m.items() if k != "seconds"} for m in metrics]
+
+
+def test_a_resume_refuses_data_that_changed_under_the_run(tmp_path, monkeypatch):
+    """Same sizes, same labels, other inputs: the config cannot tell, the data digest in run.json does."""
+    cfg = cfg_for(tmp_path, rounds=3)
+    sim = make_engine(load_config(cfg), task=digits_task(), progress=False)
+    real = sim.training.train
+
+    def crash(agent, round_):
+        if round_ == 2:
+            raise KeyboardInterrupt
+        return real(agent, round_)
+
+    monkeypatch.setattr(sim.training, "train", crash)
+    with pytest.raises(KeyboardInterrupt):
+        sim.run()
+    other = digits_task()
+    other.x = other.x.flip(1)  # every input changed, nothing else
+    with pytest.raises(DecafError, match="the task's data differs from the data .* was started with"):
+        resume(sim.run_dir, task=other)
+    assert resume(sim.run_dir, task=digits_task()).summary["rounds"] == 3  # the run's own data resumes
+
+
+def stopped_in_round_3(cfg, monkeypatch):
+    sim = make_engine(load_config(cfg), task=digits_task(), progress=False)
+    real = sim.training.train
+
+    def crash(agent, round_):
+        if round_ == 2:
+            raise KeyboardInterrupt
+        return real(agent, round_)
+
+    monkeypatch.setattr(sim.training, "train", crash)
+    with pytest.raises(KeyboardInterrupt):
+        sim.run()
+    return sim.run_dir
+
+
+def test_a_leftover_shard_of_another_process_count_never_hides_the_complete_round(tmp_path, monkeypatch, capsys):
+    """A shard left by a run of another process count (or another run) whose name sorts first is tried apart from
+    the round's complete set, which is used: the resume goes on from round 2, passing nothing over."""
+    run_dir = stopped_in_round_3(cfg_for(tmp_path / "a", rounds=3), monkeypatch)
+    other = stopped_in_round_3(cfg_for(tmp_path / "b", rounds=3), monkeypatch)
+    stale = os.path.join(run_dir, checkpoint.DIR, checkpoint.shard_name(2, 0, 0))
+    shutil.copy(os.path.join(other, checkpoint.DIR, checkpoint.shard_name(2, 0, 1)), stale)
+    os.utime(stale, (1, 1))
+    capsys.readouterr()
+    engine = make_engine(
+        load_config(os.path.join(run_dir, "config.yaml")),
+        task=digits_task(),
+        run_dir=run_dir,
+        resume=True,
+        progress=False,
+    )
+    assert engine.start_round == 2 and "passed over" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("policy", ["keep", "reset"])

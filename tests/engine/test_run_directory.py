@@ -539,7 +539,7 @@ def test_two_reports_of_one_run_at_once_both_succeed(runs, tmp_path):
 
 
 def test_run_files_plots_and_exports_get_ordinary_permissions(runs, tmp_path):
-    from decaf_lora.rundir import FILE_MODE
+    from decaf_lora.rundir import file_mode
 
     run_dir = pathlib_of(runs["finished"])
     files = [
@@ -551,7 +551,7 @@ def test_run_files_plots_and_exports_get_ordinary_permissions(runs, tmp_path):
     out = tmp_path / "adapter"
     assert cli("export", run_dir, "--agent", "0", "--out", out).exit_code == 0
     files += [out / "adapter_model.safetensors", out / "decaf_export.json"]
-    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(FILE_MODE) for p in files}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(file_mode()) for p in files}
 
 
 def test_metrics_are_strict_json_without_bare_nan(tmp_path):

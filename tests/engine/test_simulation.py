@@ -203,3 +203,16 @@ def test_agents_holding_the_same_adapter_are_evaluated_on_the_shared_test_set_on
     assert len({r["eval_accuracy"] for r in rows}) == 1
     local = run(cfg_for(tmp_path, algorithm="local", rounds=1), task=digits_task(), write=False).metrics
     assert len({r["eval_accuracy"] for r in local}) > 1  # different adapters: each evaluated
+
+
+def test_a_method_that_weighs_a_neighbour_who_sent_nothing_is_refused(tmp_path):
+    """Mixing a sender's own in-memory state in place of a payload that never crossed the wire would fake a
+    delivery (and report zero bytes); the engine refuses the plan instead."""
+    from decaf_lora.errors import DecafError
+
+    class Silent(type(algorithms.get("dlora"))):
+        def sends(self, round_=0):
+            return ()
+
+    with pytest.raises(DecafError, match="weighs agent 1 in agent 0's row of round 1, but agent 1 sent nothing"):
+        run(cfg_for(tmp_path, rounds=1), task=digits_task(), write=False, algorithm=Silent())

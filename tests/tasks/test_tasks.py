@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import TinyMLP
 
-from decaf_lora.config import load_config
+from decaf_lora.config import ConfigError, load_config
 from decaf_lora.engine import make_engine, run
 from decaf_lora.tasks import CausalLM, ClipFewShot, ModuleTask, build_task
 
@@ -196,3 +196,59 @@ def test_hugging_face_datasets_need_the_package_or_say_why():
     cfg = load_config(None, ["task.dataset=hf:glue:sst2", "task.text_column=sentence"])
     with pytest.raises(ConfigError, match="task.dataset='hf:glue:sst2'"):
         build_task(cfg)  # without `datasets` installed or without network: one sentence, not a traceback
+
+
+def test_labels_that_only_look_numeric_are_words_and_numbers_sort_numerically(tmp_path):
+    from decaf_lora.data import load_examples
+
+    path = tmp_path / "labels.csv"
+    path.write_text("text,label\n" + "".join(f"t{i},{['--5', '²', '10', '9', '-1'][i % 5]}\n" for i in range(10)))
+    ex = load_examples(str(path), "text")
+    assert ex.class_names == ["-1", "9", "10", "--5", "²"]
+
+
+def test_every_example_the_run_uses_enters_its_data_digest():
+    task = ModuleTask(
+        TinyMLP, torch.randn(20, 64), torch.arange(20) % 2, torch.randn(6, 64), torch.arange(6) % 2, ["fc1"]
+    )
+    idx = np.arange(26)
+    before = task.data_digest(idx)
+    assert task.data_digest(idx) == before
+    task.x[3, 0] += 1e-6  # one input moved by a hair
+    assert task.data_digest(idx) != before
+
+
+def test_a_model_directory_with_only_pickled_weights_is_refused(tiny_bert_dir, tmp_path):
+    """A ``pytorch_model.bin`` is a pickle: loading it could run code, so only safetensors weights load."""
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification
+
+    from decaf_lora.tasks.text import load_pretrained
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_bert_dir, pickled)
+    model = AutoModelForSequenceClassification.from_pretrained(str(pickled))
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    assert (pickled / "pytorch_model.bin").exists()
+    with pytest.raises(ConfigError, match=r"weights load only from model.safetensors, never from a pickled .bin"):
+        load_pretrained(AutoModelForSequenceClassification, str(pickled), "sequence classifier", weights=True)
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        (np.array([0, 1, 2, 70000]), r"labels go up to 70000, beyond the bound of 65536 classes; .* renumber them"),
+        (np.array([0, 1, -1, 2]), r"holds the negative label -1"),
+        (np.array([0.0, 1.5, 2.0, 1.0]), r"holds non-integer values"),
+        (np.array([0.0, np.nan, 2.0, 1.0]), r"holds NaN or infinite values"),
+        (np.array(["a", "b", "a", "b"]), r"has dtype <U1; give integer class ids"),
+        (np.zeros((4, 2), dtype=int), r"has shape \(4, 2\); give one integer class id per example"),
+        (np.array([0, 1, 2]), r"got 4 training inputs for 3 labels"),
+    ],
+)
+def test_module_task_refuses_labels_that_are_not_class_ids_in_one_sentence(labels, message):
+    x = torch.zeros(4, 64)
+    with pytest.raises(ConfigError, match=message):
+        ModuleTask(TinyMLP, x, labels, x[:2], np.array([0, 1]), targets=["fc1"])

@@ -171,6 +171,9 @@ def test_matrix_off_the_graph_is_rejected():
         (lambda: Topology.build("bipartite", 4, hubs=4), r"hubs=4 is invalid"),
         (lambda: Topology.build("small_world", 5, k=5), r"k=5 is invalid"),
         (lambda: Topology.build("erdos_renyi", 5, p=0), r"p=0 is invalid"),
+        (lambda: Topology.build("erdos_renyi", 5, p=True), r"p=True is invalid"),
+        (lambda: Topology.build("erdos_renyi", 5, seed=-1), r"seed=-1 is invalid for erdos_renyi; use an integer"),
+        (lambda: Topology.build("small_world", 5, seed=2**32), r"seed=4294967296 is invalid for small_world"),
     ],
 )
 def test_bad_names_and_parameters_raise_one_clear_error(call, match):

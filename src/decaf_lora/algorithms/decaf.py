@@ -11,6 +11,9 @@ Deliberate choices (pitfalls of the paper notes):
   product is numerically zero keeps its own factors (``skip_zero=True``): its product is zero either way, and A
   keeps the common initialization instead of collapsing. Independently, the default ``all-into-b`` split keeps A's
   rows orthonormal even for zero singular values, so no direction can die later either.
+* An agent with nothing to mix (absent, isolated, or every neighbour's payload rejected) keeps its own factors: a
+  TSVD of its own product would return the same product in a fresh basis, so it changes nothing but the gauge, and
+  it would leave kept optimizer moments (``optim.state_after_mix=keep``) pointing the wrong way.
 * Heterogeneous ranks: agent i truncates ``M_i`` to its own rank ``ranks[i]``; factors are zero-padded to the
   largest rank, and the discarded singular values count in ``tsvd_tail``.
 * Gauge: the SVD returns factors in a fresh basis; ``gauge='procrustes'`` or ``'lstsq'`` rotates them toward the
@@ -118,4 +121,7 @@ class DeCAF(Algorithm):
             B_new = torch.where(zero[:, None, None], own_B, B_new)
             A_new = torch.where(zero[:, None, None], own_A, A_new)
             stats["skipped_zero"] = zero.to(S.dtype)
+        alone = (weight != 0).sum(1) <= 1  # absent, isolated, or every neighbour rejected: nothing to mix
+        B_new = torch.where(alone[:, None, None], own_B, B_new)
+        A_new = torch.where(alone[:, None, None], own_A, A_new)
         return p.cast(A_new, B_new, stats)

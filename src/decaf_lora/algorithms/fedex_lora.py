@@ -69,6 +69,9 @@ class FedExLoRA(Algorithm):
                 "stacked input."
             )
         A_mix, B_mix = average_factors(p, ranks)
+        # the residual must be taken against the factors as they will be stored (bf16 rounding included), or the
+        # "exact" average of the effective weights would be off by that rounding every round
+        A_mix, B_mix = A_mix.to(p.dtype_A).to(A_mix.dtype), B_mix.to(p.dtype_B).to(B_mix.dtype)
         dtype = compute_dtype_for(p.A, E)
         s = float(context.scale)
         # Only inputs with non-zero weight are read (one neighbourhood slot at a time, so no (n, m, d, k) copy).

@@ -238,8 +238,10 @@ class FedRotLoRA(Algorithm):
         zero = torch.linalg.matrix_norm(M) <= tol
         R = procrustes(M, tol, self.special)
         eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
-        if self.lam < 1:
-            R = _polar((1 - self.lam) * eye + self.lam * R, self.special)
+        if self.lam < 1:  # a blend near singular (lam = 0.5 against a half-turn) leaves directions free: keep them at I
+            blend = (1 - self.lam) * eye + self.lam * R
+            floor = max(self.eps, 16 * torch.finfo(M.dtype).eps) * M.shape[-1] ** 0.5  # ||(1-lam) I|| + ||lam R||
+            R = procrustes(blend, torch.full(blend.shape[:-2], floor, dtype=M.dtype, device=M.device), self.special)
         live = keep[:, None, :, None] & keep[:, None, None, :]
         R = torch.where(live & ~zero[..., None, None], R, eye)
         return R, zero

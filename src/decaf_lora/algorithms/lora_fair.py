@@ -22,7 +22,7 @@ Choices the paper leaves open (the specification's [GAP] and [INFERENCE] items; 
   (on the complete graph it is the server rule with uniform weights).
 * The "S" of the paper is read as the dissimilarity ``1 - cos`` (an argmin of a similarity would be meaningless),
   and ``||dB||`` as the plain (not squared) Frobenius norm, the literal form. Because the cosine is scale free and
-  ``lam ||dB||`` is not, lam is in units of B: the paper's 0.01 was tuned on ViT-B/16 factors of rank 16, and on
+  ``||dB||`` is not, lam is in units of 1 / B: the paper's 0.01 was tuned on ViT-B/16 factors of rank 16, and on
   factors of a very different size the same lam corrects more or less (a gradient of the cosine smaller than lam
   leaves dB = 0 exactly: the norm acts as a threshold).
 * Solver: the paper uses SGD on the server with unstated steps and iterations. We run ``iters`` deterministic
@@ -219,7 +219,7 @@ class LoRAFAIR(Algorithm):
     )
     lam: float = option(
         0.01,
-        "pull of dB toward 0: weight of ||dB||_F (cosine; units of B) or ridge relative to tr(A_bar A_bar^T)/r (ls)",
+        "pull of dB toward 0: weight of ||dB||_F (cosine; units of 1/B) or ridge relative to tr(A_bar A_bar^T)/r (ls)",
         ge=0,
     )
     iters: int = option(100, "proximal-gradient iterations of the cosine objective (objective=cosine)", ge=1)

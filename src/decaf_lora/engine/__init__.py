@@ -14,7 +14,7 @@ import numpy as np
 from ..config import ConfigError, RunConfig, config_differences, load_config
 from ..errors import DecafError
 from ..registry import ENGINES
-from ..rundir import check_run_dir, new_run_dir, read_json, verified_identity
+from ..rundir import check_run_dir, make_dir, new_run_dir, read_json, verified_identity
 from . import checkpoint
 from .build import Run, build_run
 from .distributed import DistributedEngine, join_process_group, launch_world_size, launched_by_torchrun
@@ -91,6 +91,8 @@ def make_engine(
     (it must not exist or be empty) or, with ``resume=True``, the run to continue. ``algorithm`` replaces the
     config's algorithm with an instance (e.g. a wrapper that adds diagnostics).
     """
+    if resume and not run_dir:
+        raise DecafError("make_engine(resume=True) needs run_dir= naming the run to continue.")
     if run_dir and not resume and os.path.isdir(run_dir) and os.listdir(run_dir):
         raise DecafError(f"run directory {run_dir!r} is not empty; give a new directory, or resume it with --resume.")
     if resolve_engine(cfg) == "distributed":
@@ -102,8 +104,9 @@ def make_engine(
         engine.run_dir = run_dir
         engine.restore()
     elif write:
-        engine.run_dir = run_dir or new_run_dir(cfg.out_dir, cfg.name, engine.algorithm.name, cfg.seed)
-        os.makedirs(engine.run_dir, exist_ok=True)
+        engine.run_dir = (
+            make_dir(run_dir) if run_dir else new_run_dir(cfg.out_dir, cfg.name, engine.algorithm.name, cfg.seed)
+        )
         engine.write_setup()
     return engine
 
@@ -159,14 +162,22 @@ def finished_result(run_dir: str, cfg: RunConfig) -> RunResult:
     if not isinstance(summary, dict) or not isinstance(summary.get("final_accuracy"), dict):
         raise DecafError(f"{path!r} is not a run summary; the file is damaged.")
     found, rows = checkpoint.verified_history(run_dir, verified_identity(run_dir), cfg.agents)
-    final = [r.get("eval_accuracy") for r in rows if r["round"] == cfg.rounds]
+    last = [r for r in rows if r["round"] == cfg.rounds]
+    final = [r.get("eval_accuracy") for r in last]
     fa = summary["final_accuracy"]
+
+    def mean_of(key: str):
+        values = [r.get(key) for r in last]
+        return None if None in values or not values else float(np.mean(values))
+
     same = (
         found is not None
         and found.round == cfg.rounds
         and len(final) == cfg.agents
         and None not in final
         and [fa.get("mean"), fa.get("min"), fa.get("max")] == [float(np.mean(final)), min(final), max(final)]
+        and summary.get("final_f1_mean") == mean_of("eval_f1")
+        and summary.get("final_consensus_distance") == mean_of("consensus_distance")
     )
     if not same:
         raise DecafError(
@@ -174,3 +185,11 @@ def finished_result(run_dir: str, cfg: RunConfig) -> RunResult:
             "compute it again."
         )
     return RunResult(run_dir, summary, rows)
+
+
+def verified_run(run_dir: str) -> RunResult:
+    """A finished run read back from its directory, every number checked against what the run wrote (for reports:
+    a copied, edited or half-deleted run directory is refused, never summarized)."""
+    check_run_dir(run_dir, ("config.yaml", "metrics.jsonl", "summary.json"))
+    verified_identity(run_dir)
+    return finished_result(run_dir, load_config(os.path.join(run_dir, "config.yaml")))

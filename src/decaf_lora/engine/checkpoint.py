@@ -177,7 +177,7 @@ def latest_complete(run_dir: str, n_agents: int, check_round) -> Resumable | Non
     skipped: list[str] = []
     problems: list[DecafError] = []
     for r in sorted({s.round for s in shards}, reverse=True):
-        chosen: dict[int, Shard] = {}
+        readable: list[Shard] = []
         for s in (s for s in shards if s.round == r):
             s.meta = read_meta(s.path) or {}
             if s.meta.get("format") != FORMAT or s.meta.get("round") != r:
@@ -188,26 +188,41 @@ def latest_complete(run_dir: str, n_agents: int, check_round) -> Resumable | Non
                 problems.append(problem)
                 skipped.append(f"{s.path} (unreadable)")
                 continue
-            for a in s.agents:
-                chosen.setdefault(a, s)
-        if set(chosen) != set(range(n_agents)):
-            missing = sorted(set(range(n_agents)) - set(chosen))
-            skipped.append(f"round {r} (no intact shard holds agents {missing[:8]})")
-            continue
-        used = sorted({s.path: s for s in chosen.values()}.values(), key=lambda s: s.rank)
-        try:
-            loaded = {}
-            for s in used:
-                loaded[s.path] = load_shard(s)
-                check_round(s.meta)
-        except DecafError as exc:
-            problems.append(exc)
-            skipped.append(str(exc))
-            continue
-        return Resumable(r, used, used[0].meta, loaded, skipped)
+            readable.append(s)
+        # one process count's shards at a time: a leftover shard of a run resumed on fewer or more processes (its
+        # rotation pending) must not stand in for, and so hide, the complete set the run wrote last
+        for world in sorted(
+            {s.world for s in readable}, key=lambda w: -max(_mtime(s) for s in readable if s.world == w)
+        ):
+            chosen: dict[int, Shard] = {}
+            for s in (s for s in readable if s.world == world):
+                for a in s.agents:
+                    chosen.setdefault(a, s)
+            if set(chosen) != set(range(n_agents)):
+                missing = sorted(set(range(n_agents)) - set(chosen))
+                skipped.append(f"round {r} of {world} process(es) (no intact shard holds agents {missing[:8]})")
+                continue
+            used = sorted({s.path: s for s in chosen.values()}.values(), key=lambda s: s.rank)
+            try:
+                loaded = {}
+                for s in used:
+                    loaded[s.path] = load_shard(s)
+                    check_round(s.meta)
+            except DecafError as exc:
+                problems.append(exc)
+                skipped.append(str(exc))
+                continue
+            return Resumable(r, used, used[0].meta, loaded, skipped)
     if problems:
         raise problems[0]  # checkpoints exist but none can be trusted: say why the newest one cannot
     return None
+
+
+def _mtime(shard: Shard) -> float:
+    try:
+        return os.path.getmtime(shard.path)
+    except OSError:
+        return 0.0
 
 
 def verify_run_files(run_dir: str, meta: dict) -> None:

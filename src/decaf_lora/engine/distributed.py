@@ -32,7 +32,7 @@ from ..algorithms import MixingPlan
 from ..config import ConfigError, RunConfig, dump_config
 from ..errors import DecafError
 from ..payload import PayloadSpec
-from ..rundir import new_run_dir, read_identity
+from ..rundir import IDENTITY, make_dir, new_run_dir, read_identity
 from .build import Run
 from .loop import Engine, Exchange
 from .screening import RoundFaults, outgoing
@@ -110,7 +110,7 @@ def choose_run_dir(cfg: RunConfig, algorithm: str, given: str | None, resume: bo
     own. A fresh job gets a new directory (named after torchrun's run id when it has one); a restarted job must find
     the directory named after its run id holding the same config and that id in its ``run.json``."""
     if given:
-        return {"path": given, "resume": resume}
+        return {"path": given if resume else make_dir(given), "resume": resume}
     run_id = env.get("TORCHELASTIC_RUN_ID", "")
     restarted = int(env.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     if not run_id or run_id == "none":
@@ -123,8 +123,7 @@ def choose_run_dir(cfg: RunConfig, algorithm: str, given: str | None, resume: bo
         return {"path": new_run_dir(cfg.out_dir, cfg.name, algorithm, cfg.seed), "resume": False}
     path = os.path.join(cfg.out_dir, f"{cfg.name}-{algorithm}-s{cfg.seed}-{run_id}")
     if not os.path.isdir(path):
-        os.makedirs(path)
-        return {"path": path, "resume": False}
+        return {"path": make_dir(path, "out_dir"), "resume": False}
     if not os.listdir(path):  # a crash between creating it and writing anything: still this job's, and empty
         return {"path": path, "resume": False}
     identity = read_identity(path)
@@ -159,15 +158,29 @@ class DistributedEngine(Engine):
         if not resuming and self.rank == 0:
             self.write_setup()
         transport.barrier()
+        # every process writes its own checkpoint shards into run_dir and a resume reads them all: refuse up front,
+        # on every process alike, a directory that some process cannot see (out_dir on a node-local disk)
+        seen = transport.gather_json(os.path.exists(os.path.join(self.run_dir, IDENTITY)))
+        blind = [r for r, ok in enumerate(seen) if not ok]
+        if blind:
+            raise DecafError(
+                f"processes {blind} cannot see {self.run_dir!r} (written by process 0); put out_dir (or run_dir) on a "
+                "file system every process shares."
+            )
         if resuming:
             self.restore()
-        elif self.rank != 0:
-            self.identity = read_identity(self.run_dir)
+        else:
+            self.identity = transport.broadcast_json(self.identity)
 
     # ----------------------------------------------------------------------------------------- set-up
     def _agree_on_run_dir(self, given: str | None, resume: bool) -> tuple[str, bool]:
         """Process 0 picks the directory and every process gets its answer (or the same one-sentence refusal)."""
-        decision = self._choose_run_dir(given, resume) if self.rank == 0 else None
+        decision = None
+        if self.rank == 0:
+            try:
+                decision = self._choose_run_dir(given, resume)
+            except DecafError as exc:  # said on every process, not only on the one that hit it
+                decision = {"error": str(exc)}
         decision = self.transport.broadcast_json(decision)
         if decision.get("error"):
             raise DecafError(decision["error"])

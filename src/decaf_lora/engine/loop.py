@@ -36,6 +36,7 @@ from ..lowrank import mask_ranks
 from ..payload import PayloadSpec
 from ..rundir import (
     file_digest,
+    read_json,
     save_tensors,
     verified_identity,
     write_identity,
@@ -131,7 +132,6 @@ class Engine:
     rank, world = 0, 1
 
     def __init__(self, run: Run, *, run_dir: str | None = None, progress: bool = True):
-        self.parts = run
         self.cfg, self.device, self.task, self.split = run.cfg, run.device, run.task, run.split
         self.topology, self.network, self.algorithm = run.topology, run.network, run.algorithm
         self.model, self.states = run.model, run.states
@@ -183,7 +183,12 @@ class Engine:
         """The files written before round 1: identity first (so a resume can verify the config), then the rest."""
         d = self.run_dir
         config_text = dump_config(self.cfg)
-        self.identity = write_identity(d, config_text, torchelastic_run_id=os.environ.get("TORCHELASTIC_RUN_ID"))
+        self.identity = write_identity(
+            d,
+            config_text,
+            data_sha256=self.data_digest(),
+            torchelastic_run_id=os.environ.get("TORCHELASTIC_RUN_ID"),
+        )
         write_text(os.path.join(d, "config.yaml"), config_text)
         write_json(os.path.join(d, "topology.json"), self.topology.summary())
         part = self.split.partition
@@ -202,6 +207,42 @@ class Engine:
                 "test": self.split.test.tolist(),
             },
         )
+
+    def data_digest(self) -> str:
+        """The digest of every example the run touches (training, held-out and test), recorded in run.json."""
+        split = self.split
+        used = np.unique(np.concatenate([*split.train, *split.local_eval, split.test]).astype(np.int64))
+        return self.task.data_digest(used)
+
+    def check_same_data(self) -> None:
+        """A resume trains on the data the run started with, split the same way, or refuses in one sentence."""
+        d = self.run_dir
+        recorded = self.identity.get("data_sha256")
+        if recorded is None:
+            print(
+                f"warning: {d!r} predates data digests in run.json; the data cannot be checked against the run's.",
+                file=sys.stderr,
+            )
+        elif recorded != self.data_digest():
+            raise DecafError(
+                f"the task's data differs from the data {d!r} was started with (its digest in run.json); resume with "
+                "the run's own data, or start a new run."
+            )
+        path = os.path.join(d, "partition.json")
+        if not os.path.exists(path):
+            return  # nothing to compare; a checkpoint that recorded it refuses the run (verify_run_files)
+        stored = read_json(path)
+        split = self.split
+        rebuilt = {
+            "train": [x.tolist() for x in split.train],
+            "local_eval": [x.tolist() for x in split.local_eval],
+            "test": split.test.tolist(),
+        }
+        if not isinstance(stored, dict) or any(stored.get(k) != v for k, v in rebuilt.items()):
+            raise DecafError(
+                f"the data split rebuilt from the config differs from {path!r}; resume "
+                "with the run's own data and decaf-lora version, or start a new run."
+            )
 
     def run_file_digests(self) -> dict[str, str]:
         if not self._file_digests:
@@ -261,6 +302,7 @@ class Engine:
                     "task, or start a new run."
                 ]
             )
+        self.check_same_data()
         found, rows = checkpoint.verified_history(d, self.identity, self.cfg.agents)
         if found is None:
             print(f"note: no round of {d!r} finished (no checkpoint); it starts again from round 1.", file=sys.stderr)
@@ -273,7 +315,13 @@ class Engine:
             shard = source[a]
             prefix = f"agent/{a}/"
             tensors = {k[len(prefix) :]: v for k, v in found.tensors[shard.path].items() if k.startswith(prefix)}
-            self.load_agent_state(a, tensors, shard.meta["per_agent"][str(a)])
+            try:
+                self.load_agent_state(a, tensors, shard.meta["per_agent"][str(a)])
+            except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+                raise DecafError(
+                    f"checkpoint {shard.path!r} is damaged: agent {a}'s state is incomplete ({type(exc).__name__}: "
+                    f"{exc}); restore the file, or start a new run."
+                ) from None
         self.start_round = found.round
         self.elapsed_before = float(found.meta.get("elapsed", 0.0))
         self.metrics = rows
@@ -319,7 +367,7 @@ class Engine:
                 **evals[a],
                 "consensus_distance": float(consensus[a]),
                 **{k: v.get(a) for k, v in stats.items()},
-                "neighbors": int(np.count_nonzero(plan.W[a]) - (plan.W[a, a] != 0)),
+                "neighbors": int(np.count_nonzero(W[a]) - (W[a, a] != 0)),
                 "absent": bool(absent[a]),
                 "rejected": ex.faults.rejected.get(a, []),
                 "timed_out": ex.faults.timed_out.get(a, []),
@@ -434,30 +482,32 @@ class Engine:
             desc = f"{self.algorithm.name} x{cfg.agents}"
             bar = tqdm(total=cfg.rounds, initial=self.start_round, desc=desc, unit="round", dynamic_ncols=True)
         last_acc = float("nan")
-        for t in range(self.start_round, cfg.rounds):
-            rows = self.run_round(t)
-            self.metrics += rows
-            evaluated = [r["eval_accuracy"] for r in rows if r.get("eval_accuracy") is not None]
-            if evaluated:
-                last_acc = float(np.mean(evaluated))
-            if self.run_dir:
-                try:
-                    if self.writes:
-                        write_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), self.metrics)
-                except OSError as exc:
-                    raise DecafError(
-                        f"could not write {os.path.join(self.run_dir, 'metrics.jsonl')!r} ({exc.strerror or exc}); "
-                        "round "
-                        f"{t} stays resumable: free space and continue with `decaf run --resume {self.run_dir}`."
-                    ) from None
-                self.save_checkpoint(t + 1, self.elapsed_before + time.perf_counter() - t_start)
+        try:
+            for t in range(self.start_round, cfg.rounds):
+                rows = self.run_round(t)
+                self.metrics += rows
+                evaluated = [r["eval_accuracy"] for r in rows if r.get("eval_accuracy") is not None]
+                if evaluated:
+                    last_acc = float(np.mean(evaluated))
+                if self.run_dir:
+                    try:
+                        if self.writes:
+                            write_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), self.metrics)
+                    except OSError as exc:
+                        raise DecafError(
+                            f"could not write {os.path.join(self.run_dir, 'metrics.jsonl')!r} ({exc.strerror or exc}); "
+                            "round "
+                            f"{t} stays resumable: free space and continue with `decaf run --resume {self.run_dir}`."
+                        ) from None
+                    self.save_checkpoint(t + 1, self.elapsed_before + time.perf_counter() - t_start)
+                if bar is not None:
+                    live = [r["train_loss"] for r in rows if r["train_loss"] is not None]
+                    loss = f"{np.mean(live):.3f}" if live else "-"
+                    bar.set_postfix(loss=loss, acc="-" if np.isnan(last_acc) else f"{last_acc:.3f}")
+                    bar.update(1)
+        finally:  # a failed round must not leave a half-drawn bar over its error message
             if bar is not None:
-                live = [r["train_loss"] for r in rows if r["train_loss"] is not None]
-                loss = f"{np.mean(live):.3f}" if live else "-"
-                bar.set_postfix(loss=loss, acc="-" if np.isnan(last_acc) else f"{last_acc:.3f}")
-                bar.update(1)
-        if bar is not None:
-            bar.close()
+                bar.close()
         summary = self.summarize(self.elapsed_before + time.perf_counter() - t_start)
         for warning in summary["warnings"]:
             print(f"warning: {warning}", file=sys.stderr)
@@ -508,12 +558,19 @@ class Engine:
         """The run's headline numbers, from the final round's rows; refuses non-finite numbers, warns on blow-up."""
         cfg = self.cfg
         last = [m for m in self.metrics if m["round"] == cfg.rounds]
-        acc = np.array([m.get("eval_accuracy") for m in last], dtype=float)
-        if len(last) != cfg.agents or not np.isfinite(acc).all():
+        if len(last) != cfg.agents:
             raise DecafError(
-                f"the final round's metrics are incomplete or not finite ({len(last)} of {cfg.agents} agents); "
-                "no summary can be computed from them."
+                f"the final round's metrics are incomplete ({len(last)} of {cfg.agents} agents); no summary can be "
+                "computed from them."
             )
+        for key in ("eval_accuracy", "eval_f1", "consensus_distance"):
+            bad = [m["agent"] for m in last if not _finite(m.get(key))]
+            if bad:
+                raise DecafError(
+                    f"the final round's {key} is missing or not finite for agents {bad[:8]}; the run diverged (or an "
+                    f"agent never evaluated), so no summary is written: lower optim.lr (now {cfg.optim.lr})."
+                )
+        acc = np.array([m["eval_accuracy"] for m in last], dtype=float)
         warnings = self.divergence_warnings()
         test_hist = np.bincount(self.task.labels[self.split.test])
         local = [m.get("local_accuracy") for m in last]
@@ -544,6 +601,10 @@ class Engine:
             "adapter_bytes": self.states.adapter_bytes(),
             "warnings": warnings,
         }
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 @torch.no_grad()
@@ -588,6 +649,12 @@ def mix_agents(
     for ii, i in enumerate(agents):
         for j in np.nonzero(W[i])[0]:
             j = int(j)
+            if j != i and j not in received:  # its own state is not what it sent: mixing it would fake a delivery
+                raise DecafError(
+                    f"algorithm {algo.name!r} weighs agent {j} in agent {i}'s row of round {t + 1}, but agent {j} "
+                    f"sent nothing (sends() gave {sorted(spec.parts) or 'no parts'}); plan() must weigh only agents "
+                    "that send, e.g. the identity in a round without exchange."
+                )
             rows_np[ii, own_col[i] if j == i else copy_col.get(j, own_col.get(j))] = W[i, j]
     rows = torch.from_numpy(rows_np).to(dev)
     self_index = torch.tensor([own_col[i] for i in agents], device=dev)
@@ -608,6 +675,14 @@ def mix_agents(
                 out.append(received[a][k].to(dev).to(own_rows.dtype))
         return torch.stack(out)
 
+    for l in range(len(st.layers)):  # a zero weight times NaN is NaN: one diverged agent would poison every row
+        for factor in (st.A[l][slot_t], st.B[l][slot_t]):
+            bad = ~torch.isfinite(factor).flatten(1).all(1)
+            if bool(bad.any()):
+                raise DecafError(
+                    f"agent {agents[int(bad.nonzero()[0])]}'s own adapter holds NaN or infinite values before the mix "
+                    f"of round {t + 1}; its training diverged: lower the learning rate."
+                )
     totals: dict[str, torch.Tensor] = {}
     for l, layer in enumerate(st.layers):
         ctx = LayerContext(

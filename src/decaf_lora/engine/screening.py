@@ -17,17 +17,6 @@ from ..config import POISONS
 from ..payload import PayloadSpec, encode
 
 
-def check_payload(t: torch.Tensor, shape: tuple, dtype: torch.dtype, max_norm: float) -> str | None:
-    """Why a received tensor must be rejected, or None if it is acceptable."""
-    if not isinstance(t, torch.Tensor):
-        return f"not a tensor ({type(t).__name__})"
-    if tuple(t.shape) != tuple(shape):
-        return f"shape {tuple(t.shape)} instead of {tuple(shape)}"
-    if t.dtype != dtype:
-        return f"dtype {t.dtype} instead of {dtype}"
-    return check_values(t, max_norm)
-
-
 def check_values(t: torch.Tensor, max_norm: float) -> str | None:
     if not bool(torch.isfinite(t).all()):
         return "NaN or infinite values"

@@ -81,6 +81,11 @@ class LocalTraining:
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
+        if not all(bool(torch.isfinite(p).all()) for p in trained):  # the loss was finite, the step overflowed
+            raise FloatingPointError(
+                f"agent {agent}'s adapter became non-finite in round {round_ + 1} (its last step overflowed); lower "
+                f"optim.lr (now {cfg.optim.lr}) or set optim.grad_clip."
+            )
         self.states.store(agent)
         return float(np.mean(losses)), float(losses[0])
 

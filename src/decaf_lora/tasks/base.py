@@ -8,6 +8,8 @@ device and calls :meth:`Task.loss` and :meth:`Task.evaluate`.
 from __future__ import annotations
 
 import abc
+import hashlib
+import json
 from collections.abc import Sequence
 
 import numpy as np
@@ -45,6 +47,15 @@ class Task(abc.ABC):
     def config_fields(self) -> dict:
         """What this task is, for the run's config.yaml, when the config alone does not say it (a Python task)."""
         return {}
+
+    def data_digest(self, indices: Sequence[int]) -> str:
+        """sha256 of the labels and inputs at ``indices``, in order: run.json records it, so a resume refuses data
+        that changed under the run (a regenerated CSV, another ``ModuleTask`` tensor) instead of training on it."""
+        idx = np.asarray(indices, dtype=np.int64)
+        h = hashlib.sha256(np.ascontiguousarray(self.labels[idx]).tobytes())
+        for i in idx:
+            h.update(_input_bytes(self.examples.inputs[i]))
+        return h.hexdigest()
 
     def check_model(self, model: nn.Module) -> None:  # noqa: B027 - optional hook
         """Refuse in one sentence a model that cannot train on this task's data (called before anything is written)."""
@@ -117,3 +128,12 @@ def quiet_transformers() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+
+
+def _input_bytes(value) -> bytes:
+    """One example's input as bytes, with its type and shape, so that equal digests mean equal data."""
+    if isinstance(value, np.ndarray):
+        return f"array {value.dtype.str} {value.shape}:".encode() + np.ascontiguousarray(value).tobytes()
+    if isinstance(value, str):
+        return b"str %d:" % len(value.encode()) + value.encode()
+    return b"json:" + json.dumps(value, sort_keys=True, default=str).encode() + b"\n"

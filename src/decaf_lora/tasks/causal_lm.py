@@ -56,7 +56,7 @@ class CausalLM(Task):
             return tiny_llama(seed)
         from transformers import AutoModelForCausalLM
 
-        return load_pretrained(AutoModelForCausalLM, self.model_path, "causal LM", dtype=self.dtype)
+        return load_pretrained(AutoModelForCausalLM, self.model_path, "causal LM", weights=True, dtype=self.dtype)
 
     def _sequences(self, idx: np.ndarray, answer_of) -> dict[str, torch.Tensor]:
         """Left-truncated prompt + answer per example; labels -100 except on the answer."""

@@ -53,7 +53,7 @@ class ClipFewShot(Task):
             return tiny_clip(len(self.tokenizer), seed)
         from transformers import CLIPModel
 
-        return load_pretrained(CLIPModel, self.model_path, "CLIP model", dtype=self.dtype)
+        return load_pretrained(CLIPModel, self.model_path, "CLIP model", weights=True, dtype=self.dtype)
 
     def _pixels(self, images: list[np.ndarray]) -> torch.Tensor:
         if self._processor is not None:

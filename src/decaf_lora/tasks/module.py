@@ -16,6 +16,7 @@ passing the same task again.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -25,6 +26,9 @@ from torch import nn
 from ..config import ConfigError
 from ..data import Examples
 from .base import Task
+
+#: Class ids index a head's outputs and a per-class F1 table: an id in the millions is a label left unnumbered.
+MAX_CLASSES = 1 << 16
 
 
 def _class_ids(y, what: str) -> np.ndarray:
@@ -73,6 +77,13 @@ class ModuleTask(Task):
             raise ConfigError(["ModuleTask needs at least one training and one test example."])
         y = np.concatenate([_class_ids(y_test, "y_test"), _class_ids(y_train, "y_train")])
         n_classes = int(y.max()) + 1
+        if n_classes > MAX_CLASSES:
+            raise ConfigError(
+                [
+                    f"ModuleTask labels go up to {n_classes - 1}, beyond the bound of {MAX_CLASSES} classes; labels "
+                    "are class ids 0..C-1, so renumber them (e.g. with numpy.unique(..., return_inverse=True))."
+                ]
+            )
         if class_names is not None and len(class_names) < n_classes:
             raise ConfigError(
                 [
@@ -101,6 +112,15 @@ class ModuleTask(Task):
                 [f"ModuleTask's model_fn returned {type(model).__name__}; it must return a torch.nn.Module."]
             )
         return model
+
+    def data_digest(self, indices) -> str:
+        """The tensors' rows, not the placeholder inputs (their positions), decide the digest."""
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        x = self.x[idx].detach().cpu().contiguous()
+        h = hashlib.sha256(f"{x.dtype} {tuple(x.shape)}:".encode())
+        h.update(x.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(np.ascontiguousarray(self.labels[np.asarray(indices, dtype=np.int64)]).tobytes())
+        return h.hexdigest()
 
     def config_fields(self) -> dict:
         model = self.build_model()

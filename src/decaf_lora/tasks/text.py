@@ -70,8 +70,14 @@ def in_hub_cache(name: str) -> bool:
         return False
 
 
-def load_pretrained(loader, path: str, what: str, **kwargs):
-    """Load from a directory or the hub; turn the many failure modes into one sentence."""
+def load_pretrained(loader, path: str, what: str, weights: bool = False, **kwargs):
+    """Load from a directory or the hub; turn the many failure modes into one sentence.
+
+    ``weights=True`` (models, not tokenizers) loads weights from safetensors only: a ``pytorch_model.bin`` is a
+    pickle, and a model directory is exactly the kind of file a stranger hands over.
+    """
+    if weights:
+        kwargs["use_safetensors"] = True
     if not os.path.isdir(path) and not in_hub_cache(path) and not hub_reachable():
         raise ConfigError(
             [
@@ -84,6 +90,7 @@ def load_pretrained(loader, path: str, what: str, **kwargs):
     except (OSError, ValueError) as exc:
         where = (
             "the directory exists but holds no usable model"
+            + (" (weights load only from model.safetensors, never from a pickled .bin)" if weights else "")
             if os.path.isdir(path)
             else "it is not a local directory and could not be fetched"
         )
@@ -121,6 +128,7 @@ class TextClassification(Task):
                 AutoModelForSequenceClassification,
                 self.model_path,
                 "sequence classifier",
+                weights=True,
                 num_labels=len(self.examples.class_names),
                 dtype=self.dtype,
             )

@@ -27,6 +27,13 @@ def _check_agents(n: int, minimum: int = 1, name: str = "agents") -> int:
     return int(n)
 
 
+def _check_seed(seed, graph: str) -> int:
+    """The graph's own seed as the data and training seeds take it: an integer in [0, 2**32)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise TopologyError(f"seed={seed!r} is invalid for {graph}; use an integer from 0 to {2**32 - 1}.")
+    return int(seed)
+
+
 def _empty(n: int) -> nx.Graph:
     g = nx.Graph()
     g.add_nodes_from(range(n))
@@ -134,9 +141,10 @@ def erdos_renyi(n: int, p: float | None = None, seed: int = 0, max_tries: int = 
     Default ``p = min(1, 2 ln(n) / n)``: above the connectivity threshold, so few resamples are needed.
     """
     n = _check_agents(n)
+    seed = _check_seed(seed, "erdos_renyi")
     if p is None:
         p = 1.0 if n <= 2 else min(1.0, 2 * math.log(n) / n)
-    if not isinstance(p, (int, float)) or not 0 < p <= 1:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
         raise TopologyError(f"p={p!r} is invalid for erdos_renyi; use an edge probability in (0, 1].")
     for attempt in range(max_tries):
         g = nx.gnp_random_graph(n, float(p), seed=int(np.random.SeedSequence([seed, attempt]).generate_state(1)[0]))
@@ -153,7 +161,8 @@ def small_world(n: int, k: int = 4, p: float = 0.1, seed: int = 0) -> nx.Graph:
     n = _check_agents(n, 3)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 2 <= k < n:
         raise TopologyError(f"k={k!r} is invalid for small_world with {n} agents; use an integer from 2 to {n - 1}.")
-    if not isinstance(p, (int, float)) or not 0 <= p <= 1:
+    seed = _check_seed(seed, "small_world")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
         raise TopologyError(f"p={p!r} is invalid for small_world; use a rewiring probability in [0, 1].")
     try:
         return nx.connected_watts_strogatz_graph(n, int(k), float(p), tries=1000, seed=int(seed))

@@ -121,7 +121,8 @@ def validate_mixing_matrix(
 
     Checks: square 2-D finite matrix, non-negative, symmetric, rows and columns summing to 1, zero wherever
     ``graph`` has no edge (when a graph is given), and a connected support (unless ``require_connected`` is False,
-    as for one round of a time-varying schedule whose union is what must be connected).
+    as for one round of a time-varying schedule whose union is what must be connected). Returns ``w`` with the
+    entries within ``atol`` of zero set to exactly zero.
     """
     w = np.asarray(w, dtype=np.float64)
     if w.ndim != 2 or w.shape[0] != w.shape[1] or w.shape[0] == 0:
@@ -163,7 +164,9 @@ def validate_mixing_matrix(
             f"the graph of the {name} is not connected, so agents can never agree; add edges so every agent can reach "
             "every other."
         )
-    return w
+    # entries within atol of zero are rounding noise of a user's matrix: exact zeros, so no mixing step sees a
+    # "negative" weight that this check let through, and the support is the graph's
+    return np.where(np.abs(w) <= atol, 0.0, w)
 
 
 def second_eigenvalue(w: np.ndarray) -> float:

@@ -19,9 +19,11 @@ from .schedules import Schedule
 #: Rounds sampled to estimate the mixing rate of a schedule that changes from round to round: the top eigenvalue of
 #: a Monte Carlo mean is biased upward (noise lifts the largest of several near-equal eigenvalues), by about +0.03
 #: at 256 rounds and +0.01 at 4096 on random pairwise encounters, so small networks get many rounds; the work is
-#: bounded for large ones (about 2e9 multiply-adds in all).
+#: bounded for large ones (about 2e9 matrix entries visited in all, at least 16 rounds).
 MIXING_RATE_SAMPLES = 4096
-MIXING_RATE_FLOPS = 2e9
+MIXING_RATE_WORK = 2e9
+#: Up to this many agents the mixing rate's eigenvalue comes from a dense eigendecomposition.
+DENSE_EIGEN_AGENTS = 1024
 
 
 class Network:
@@ -73,17 +75,26 @@ class Network:
         ``E[W^T W]`` is averaged over rounds 0..samples-1 (the schedule's and the faults' own random draws, so the
         estimate is what this run will see). TAD-LoRA chooses its phase length from it.
         """
+        import scipy.sparse as sp
+
         n = self.n_agents
         if n < 2:
             return 0.0
-        if samples is None:
-            samples = int(min(MIXING_RATE_SAMPLES, max(256, MIXING_RATE_FLOPS / n**3)))
+        if samples is None:  # each sampled round costs O(n^2) (the dense matrix, made sparse); its product is sparse
+            samples = int(min(MIXING_RATE_SAMPLES, max(16, MIXING_RATE_WORK / n**2)))
         deterministic = getattr(self.schedule, "deterministic", False)
         rounds = range(self.schedule.period) if deterministic and not self.faulty else range(samples)
-        second = np.zeros((n, n))
+        second = sp.csr_matrix((n, n))
         for t in rounds:
-            w = self.gossip(t)
-            second += w.T @ w
-        second /= len(rounds)
-        centred = second - np.full((n, n), 1.0 / n)
-        return float(max(0.0, np.linalg.eigvalsh(0.5 * (centred + centred.T))[-1]))
+            w = sp.csr_matrix(self.gossip(t))
+            second = second + w.T @ w
+        second = (second / len(rounds)).tocsr()
+        second = 0.5 * (second + second.T)
+        if n <= DENSE_EIGEN_AGENTS:
+            top = np.linalg.eigvalsh(second.toarray() - np.full((n, n), 1.0 / n))[-1]
+        else:  # the top of E[W^T W] on the complement of the all-ones vector, without forming an n x n matrix
+            from scipy.sparse.linalg import LinearOperator, eigsh
+
+            op = LinearOperator((n, n), matvec=lambda x: second @ x - x.sum() / n, dtype=np.float64)
+            top = eigsh(op, k=1, which="LA", return_eigenvectors=False)[0]
+        return float(max(0.0, top))
