@@ -23,6 +23,8 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_tsvd.py
 	$(BIN)/python benchmarks/bench_aggregation.py
 	$(BIN)/python benchmarks/bench_engine.py
+	$(BIN)/python benchmarks/bench_merge.py
+# benchmarks/bench_vs_flower.py needs Flower: pip install -e ".[bench]" first (about 20 minutes).
 
 # The reproduction study (docs/reproduction.md): 153 runs, about 1.7 h on 2 cores; re-running reads finished runs back.
 REPRO_WORKERS ?= 2

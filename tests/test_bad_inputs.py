@@ -89,6 +89,13 @@ CASES = [
     (["seed=-1"], "seed=-1 is too small; use a value in [0, 4294967296)"),
     (["split_seed=99999999999999999999999"], "split_seed=99999999999999999999999 is too large"),
     (["seed=" + "9" * 5000], "seed="),
+    (
+        ["seed=" + "9" * 400],
+        "seed=999999999999999999...9999999999999999999 is too large; use a value in [0, 4294967296)",
+    ),
+    (["optim.lr=" + "9" * 400], "is too large for a floating-point number; use a smaller value."),
+    (["rounds=" + "9" * 400], "is too large; use a value in [1, 1000000]."),
+    (["lora.targets=[x" + "9" * 500 + "]"], "...9999"),
     (["lora.targets=[1]"], "lora.targets=[1] is invalid; each entry must be a string"),
     (["algorithm_options={1: 2, a: 3}"], "algorithm_options has the key 1; its keys must be option names"),
     (["task.dataset=digits"], "task.dataset='digits' holds images; use it with task.kind=clip."),
@@ -120,6 +127,7 @@ def test_malformed_input_gets_one_sentence_and_exit_code_2(tiny_text, tmp_path, 
     assert message in res.output, res.output
     assert "Traceback" not in res.output
     assert all(line.startswith("error: ") for line in res.output.strip().splitlines())
+    assert len(res.output) < 1500, "a huge value is quoted cut short, not in full"
     assert not out.exists() or not any(out.iterdir())
 
 

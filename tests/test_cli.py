@@ -67,7 +67,10 @@ def test_consensus_demo_compares_decaf_and_dlora():
     assert res.exit_code == 0, res.output
     for name in ("ring", "bipartite", "complete"):
         assert name in res.output
-    assert run("consensus-demo", "--agents", "1").exit_code == 2
+    for bad in (["--agents", "1"], ["--dim", "-1"], ["--dim", "100000"], ["--rank", "0"], ["--seed", "-1"]):
+        res = run("consensus-demo", *bad)
+        assert res.exit_code == 2 and "Traceback" not in res.output, (bad, res.output)
+        assert f"Invalid value for '{bad[0]}'" in res.output or "is invalid" in res.output, (bad, res.output)
 
 
 def test_python_dash_m_entry_point():

@@ -135,6 +135,36 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     assert load_config(str(f)).to_dict() == cfg.to_dict()
 
 
+@pytest.mark.parametrize(
+    "word", ["1e3", "yes", "no", "on", "0x1F", "0o17", "010", "1_000", "true", ".inf", "null", "~"]
+)
+def test_strings_that_look_like_other_types_stay_strings_through_config_yaml(tmp_path, word):
+    """config.yaml is read back by resume, export and report (and by a user's own YAML 1.1 tools): a name or a label
+    that a reader could take for a number or a boolean is quoted when written."""
+    import yaml
+
+    cfg = load_config({"name": f"n{word}", "task": {"label_names": [word, "b"]}})
+    text = dump_config(cfg)
+    f = tmp_path / "r.yaml"
+    f.write_text(text)
+    assert load_config(str(f)).to_dict() == cfg.to_dict()
+    assert yaml.safe_load(text)["task"]["label_names"] == [word, "b"]
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("[no, yes, on, off]", ["no", "yes", "on", "off"]),
+        ("[true, False]", [True, False]),
+        ("[010, 0x1F, 0o17]", [10, 31, 15]),
+    ],
+)
+def test_yaml_plain_scalars_follow_yaml_1_2_core(text, value):
+    from decaf_lora.config import read_yaml
+
+    assert read_yaml(f"v: {text}")["v"] == value
+
+
 def test_every_field_has_help_text():
     rows = field_help()
     assert len(rows) > 30

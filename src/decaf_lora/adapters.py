@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import ConfigError
+from .config import ConfigError, shown
 from .errors import DecafError
 from .lowrank import mask_ranks
 
@@ -44,7 +44,7 @@ def target_problems(model: nn.Module, targets: Iterable[str], rank: int) -> list
     if unknown:
         examples = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         problems.append(
-            f"lora.targets={unknown} matches no module of {type(model).__name__}; its linear layers include: "
+            f"lora.targets={shown(unknown)} matches no module of {type(model).__name__}; its linear layers include: "
             f"{', '.join(examples[:12])}."
         )
     for n, m in model.named_modules():

@@ -262,10 +262,16 @@ def methods(markdown: bool) -> None:
 
 
 @main.command("consensus-demo")
-@click.option("--agents", "-n", type=int, default=10, show_default=True)
-@click.option("--rank", "-r", type=int, default=4, show_default=True)
-@click.option("--dim", type=int, default=256, show_default=True, help="Layer size d = k of the random factors.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--agents", "-n", type=click.IntRange(3, 256), default=10, show_default=True)
+@click.option("--rank", "-r", type=click.IntRange(1, 256), default=4, show_default=True)
+@click.option(
+    "--dim",
+    type=click.IntRange(1, 4096),
+    default=256,
+    show_default=True,
+    help="Layer size d = k of the random factors (the demo forms d x k products to measure consensus).",
+)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
 def consensus_demo(agents: int, rank: int, dim: int, seed: int) -> None:
     """DeCAF vs DLoRA consensus on random LoRA factors over the paper's topologies (no model, seconds)."""
     from .demo import run_core_demo

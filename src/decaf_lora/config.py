@@ -28,33 +28,46 @@ import yaml
 from .errors import DecafError
 from .registry import ALGORITHMS, ENGINES, GRAPHS, MIXING_RULES, PARTITIONS, SCHEDULES, TASKS, Registry, choices_of
 
-#: What a poisoned agent can be made to send (faults.poison); :mod:`decaf_lora.engine.screening` implements them.
-
 
 class YamlLoader(yaml.SafeLoader):
     """YAML with the plain scalars of YAML 1.2's core schema: only true/false are booleans (``[no, yes]`` stays two
     words, not [False, True]) and ``010`` is ten (not octal eight), as every other modern tool reads them."""
 
 
-def _core_schema(loader: type[yaml.SafeLoader]) -> None:
+class YamlDumper(yaml.SafeDumper):
+    """Writes a scalar plain only if both YAML 1.1 (PyYAML's default) and :class:`YamlLoader` read it back as the
+    same type: ``name: '1e3'`` and ``label_names: ['yes', 'no']`` stay strings for either reader of config.yaml."""
+
+
+def _int_value(text: str) -> int:
+    digits = text.lstrip("+-")
+    value = int(digits[2:], 16 if digits[1] in "xX" else 8) if digits[:2].lower() in ("0x", "0o") else int(digits)
+    return -value if text.startswith("-") else value
+
+
+def _core_schema(resolver: type, keep_yaml_11: bool = False) -> None:
+    """Install YAML 1.2 core's bool, int and float resolvers on ``resolver`` (next to 1.1's with ``keep_yaml_11``)."""
     bool_tag, int_tag, float_tag = (f"tag:yaml.org,2002:{t}" for t in ("bool", "int", "float"))
-    loader.yaml_implicit_resolvers = {
-        first: [(tag, rx) for tag, rx in resolvers if tag not in (bool_tag, int_tag, float_tag)]
+    resolver.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if keep_yaml_11 or tag not in (bool_tag, int_tag, float_tag)]
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
-    loader.add_implicit_resolver(bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-    loader.add_implicit_resolver(int_tag, re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
-    loader.add_implicit_resolver(
+    resolver.add_implicit_resolver(bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+    resolver.add_implicit_resolver(
+        int_tag, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789")
+    )
+    resolver.add_implicit_resolver(
         float_tag,
         re.compile(
             r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
         ),
         list("-+.0123456789"),
     )
-    loader.add_constructor(int_tag, lambda ld, node: int(ld.construct_scalar(node)))
 
 
 _core_schema(YamlLoader)
+YamlLoader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: _int_value(loader.construct_scalar(node)))
+_core_schema(YamlDumper, keep_yaml_11=True)
 
 
 def shown(value: Any) -> str:
@@ -64,8 +77,10 @@ def shown(value: Any) -> str:
     r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxstring, r.maxlong, r.maxother = 3, 8, 8, 8, 80, 40, 80
     try:
         return r.repr(value)
-    except ValueError:  # an int beyond Python's digit limit for str()
-        return f"<an integer of about {value.bit_length() * 0.30103:.0f} digits>"
+    except ValueError:  # an int beyond Python's digit limit for str(), maybe inside a list
+        if isinstance(value, int):
+            return f"<an integer of about {value.bit_length() * 0.30103:.0f} digits>"
+        return f"<a {type(value).__name__} holding a value too large to show>"
 
 
 def read_yaml(text_or_stream):
@@ -73,9 +88,13 @@ def read_yaml(text_or_stream):
     return yaml.load(text_or_stream, Loader=YamlLoader)  # noqa: S506 - YamlLoader is a SafeLoader
 
 
+#: What a poisoned agent can be made to send (faults.poison); :mod:`decaf_lora.engine.screening` implements them.
 POISONS = ("nan", "shape", "scale")
 STATE_POLICIES = ("reset", "keep")
 DTYPES = ("float32", "bfloat16", "float16")
+#: Rounds and local steps: a bound far beyond any real run, so a slip of the keyboard is an error, not a run that
+#: never ends (the schedules and plots are sized by it).
+MAX_STEPS = 1_000_000
 #: Mixing matrices are dense agents x agents (and so are some per-round plans): a bound checked before allocating.
 MAX_AGENTS = 4096
 
@@ -268,8 +287,8 @@ class RunConfig:
     algorithm: str = option("decaf", "aggregation method (`decaf methods` lists them)", choices=ALGORITHMS)
     algorithm_options: dict = option({}, "method options, e.g. {split: balanced, gauge: procrustes} for decaf")
     agents: int = option(8, "number of agents", ge=1, le=MAX_AGENTS)
-    rounds: int = option(12, "communication rounds", ge=1)
-    local_steps: int = option(5, "local optimizer steps per agent between exchanges", ge=1)
+    rounds: int = option(12, "communication rounds", ge=1, le=MAX_STEPS)
+    local_steps: int = option(5, "local optimizer steps per agent between exchanges", ge=1, le=MAX_STEPS)
     eval_every: int = option(6, "evaluate every this many rounds (and always after the last)", ge=1)
     seed: int = option(0, "training seed: initialization, batch order, dropout", ge=0, lt=2**32)
     split_seed: int = option(
@@ -390,7 +409,11 @@ def _coerce(path: str, value: Any, typ: type, problems: list[str]) -> Any:
         problems.append(f"{path}={shown(value)} has the wrong type; it must be {_KIND[typ]}.")
         return None
     if typ is float:
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer of more than 308 digits
+            problems.append(f"{path}={shown(value)} is too large for a floating-point number; use a smaller value.")
+            return None
     if typ is str:
         return str(value)
     if typ is list:
@@ -429,7 +452,7 @@ def check_value(name: str, value: Any, meta: dict) -> tuple[Any, str | None]:
             out.append(item)
         value = out
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):  # ints are finite (isfinite overflows on 1e400)
             return value, f"{name}={shown(value)} is invalid; use a finite number."
         low = ("ge" in meta and value < meta["ge"]) or ("gt" in meta and value <= meta["gt"])
         high = ("le" in meta and value > meta["le"]) or ("lt" in meta and value >= meta["lt"])
@@ -677,4 +700,4 @@ def config_differences(a: dict, b: dict, ignore=PLACEMENT, prefix: str = "") -> 
 
 
 def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    return yaml.dump(cfg.to_dict(), Dumper=YamlDumper, sort_keys=False)

@@ -87,6 +87,8 @@ def check_out_dir(out_dir: str, run_dir: str, overwrite: bool) -> None:
     target = os.path.abspath(out_dir)
     if os.path.commonpath([target, os.path.abspath(run_dir)]) == target:
         raise DecafError(f"--out {out_dir!r} holds the run itself; give a new directory for the adapter.")
+    if os.path.islink(target):  # replacing it would move the link and empty the directory it points to
+        raise DecafError(f"--out {out_dir!r} is a symbolic link; give a new directory for the adapter.")
     if not os.path.exists(target):
         return
     if not os.path.isdir(target):
@@ -203,7 +205,9 @@ def _move_into_place(model, out_dir: str, marker: dict, overwrite: bool) -> str:
         raise
     if old:  # the previous export's own files only; a directory someone else wrote into stays (rmdir refuses)
         for name in EXPORT_FILES & set(os.listdir(old)):
-            os.unlink(os.path.join(old, name))
+            path = os.path.join(old, name)
+            if os.path.isfile(path) and not os.path.islink(path):  # a directory by that name is not ours either
+                os.unlink(path)
         try:
             os.rmdir(old)
         except OSError:

@@ -60,7 +60,6 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 REPORT_NAME = "merge_report.json"
-#: Files a PEFT adapter directory (or a previous merge) may hold; only such a directory may be overwritten.
 #: What a merge writes: ``overwrite`` replaces a directory holding these and nothing else (a previous merge).
 MERGE_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, REPORT_NAME})
 MERGED_BY = "decaf_lora.merge_adapters"
@@ -594,7 +593,7 @@ def _check_out_dir(out_dir: str, overwrite: bool, inputs: Sequence) -> None:
     if not overwrite:
         raise MergeError(
             f"out_dir={out_dir!r} exists and is not empty; pass a new or empty directory, or overwrite=True "
-            "(--overwrite) to replace a previous adapter directory."
+            "(--overwrite) to replace a previous merge."
         )
     if not _is_previous_merge(out_dir):
         raise MergeError(
@@ -656,6 +655,13 @@ def _write_adapter_dir(out_dir: str, result: MergeResult, labels: list[str], ove
         if os.path.isdir(out_dir) and os.listdir(out_dir):  # a previous adapter, checked above: move it aside
             old = tempfile.mkdtemp(dir=parent, prefix=".merge-old-")
             os.replace(out_dir, old)
+            if not _is_previous_merge(old):  # something was added between the check and the move: put it back
+                os.replace(old, out_dir)
+                old = None
+                raise MergeError(
+                    f"out_dir={out_dir!r} changed during the merge and is no longer only a previous merge; pass a new "
+                    "or empty directory (nothing there was deleted or overwritten)."
+                )
         os.replace(tmp, out_dir)  # onto a missing or empty directory: atomic
     except BaseException:
         if old is not None and not os.path.exists(out_dir):
@@ -666,7 +672,9 @@ def _write_adapter_dir(out_dir: str, result: MergeResult, labels: list[str], ove
     finally:
         if old is not None:  # the previous merge's own files only; anything else keeps the folder (rmdir refuses)
             for name in MERGE_FILES & set(os.listdir(old)):
-                os.unlink(os.path.join(old, name))
+                path = os.path.join(old, name)
+                if os.path.isfile(path) and not os.path.islink(path):  # a directory by that name is not ours
+                    os.unlink(path)
             try:
                 os.rmdir(old)
             except OSError:

@@ -116,6 +116,18 @@ def test_pitfall_1_only_zero_agents_are_skipped(gen):
     assert out.stats["skipped_zero"].tolist() == [False, True, False, False, False, False]
 
 
+def test_decaf_agent_with_nothing_to_mix_keeps_its_factors_but_zero_self_weight_takes_the_neighbour(gen):
+    """Alone (all weight on itself: absent, isolated, every payload rejected) means unchanged factors, not a fresh
+    SVD basis; a row that gives the agent itself weight 0 is not alone, it takes its neighbour's product exactly."""
+    A, B = layer(gen, 3, 12, 2, 10)
+    W = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.5, 0.5]], dtype=torch.float64)
+    out = algorithms.get("decaf").mix(A, B, W)
+    assert torch.equal(out.A[0], A[0]) and torch.equal(out.B[0], B[0])
+    torch.testing.assert_close(out.B[1] @ out.A[1], B[2] @ A[2], atol=1e-10, rtol=0)
+    best, _ = best_rank(0.5 * (B[1] @ A[1] + B[2] @ A[2]), 2)
+    torch.testing.assert_close(out.B[2] @ out.A[2], best, atol=1e-10, rtol=0)
+
+
 def test_dlora_averages_factors_and_suffers_consensus_interference(gen):
     A, B = layer(gen, 6, 12, 3, 9)
     W = torch.from_numpy(Topology.build("ring", 6).matrix)

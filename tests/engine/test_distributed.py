@@ -87,7 +87,7 @@ def assert_same_metrics(dist, sim):
 
 
 @pytest.mark.parametrize("algo, process_counts", [("decaf", (2, 4)), ("dlora", (4,)), ("dlora-fa", (2,))])
-def test_distributed_with_2_and_4_processes_equals_the_simulator(tiny_bert_dir, tmp_path, algo, process_counts):
+def test_distributed_with_2_or_4_processes_equals_the_simulator(tiny_bert_dir, tmp_path, algo, process_counts):
     """One launch per extra method keeps the suite short: placement is what 4 processes add, and DeCAF checks both."""
     args = overrides(tiny_bert_dir, str(tmp_path), algorithm=algo)
     sim = simulate(args, tmp_path / "sim")

@@ -41,6 +41,14 @@ def test_a_restart_never_takes_over_another_experiment(tmp_path, change):
     assert "already holds another experiment" in got["error"]
 
 
+def test_a_file_where_the_run_directory_belongs_is_named_as_such_not_blamed_on_out_dir(tmp_path):
+    cfg = load_config(cfg_for(tmp_path))
+    (tmp_path / "demo-decaf-s0-exp1").write_text("someone's")
+    got = choose_run_dir(cfg, "decaf", None, False, {"TORCHELASTIC_RUN_ID": "exp1"})
+    assert "the run directory of torchrun run id 'exp1', is a file; give this job another --rdzv-id" in got["error"]
+    assert (tmp_path / "demo-decaf-s0-exp1").read_text() == "someone's"
+
+
 def test_a_restart_takes_back_the_empty_directory_a_crash_left(tmp_path):
     cfg = load_config(cfg_for(tmp_path))
     path = os.path.join(str(tmp_path), "demo-decaf-s0-exp1")

@@ -22,7 +22,7 @@ def without_timing(metrics):
 
 
 def test_a_resume_refuses_data_that_changed_under_the_run(tmp_path, monkeypatch):
-    """Same sizes, same labels, other inputs: the config cannot tell, the data digest in run.json does."""
+    """Same sizes, same labels, one input changed: the config cannot tell, the data digest in run.json does."""
     cfg = cfg_for(tmp_path, rounds=3)
     sim = make_engine(load_config(cfg), task=digits_task(), progress=False)
     real = sim.training.train
@@ -35,10 +35,12 @@ def test_a_resume_refuses_data_that_changed_under_the_run(tmp_path, monkeypatch)
     monkeypatch.setattr(sim.training, "train", crash)
     with pytest.raises(KeyboardInterrupt):
         sim.run()
-    other = digits_task()
-    other.x = other.x.flip(1)  # every input changed, nothing else
-    with pytest.raises(DecafError, match="the task's data differs from the data .* was started with"):
-        resume(sim.run_dir, task=other)
+    for changed in (0, len(sim.task.x) - 1):  # one input of the shared test set; one training input
+        other = digits_task()
+        assert changed in set(sim.split.test.tolist()) or any(changed in set(a.tolist()) for a in sim.split.train)
+        other.x[changed] = other.x[changed] + 1
+        with pytest.raises(DecafError, match="the task's data differs from the data .* was started with"):
+            resume(sim.run_dir, task=other)
     assert resume(sim.run_dir, task=digits_task()).summary["rounds"] == 3  # the run's own data resumes
 
 
@@ -58,13 +60,15 @@ def stopped_in_round_3(cfg, monkeypatch):
 
 
 def test_a_leftover_shard_of_another_process_count_never_hides_the_complete_round(tmp_path, monkeypatch, capsys):
-    """A shard left by a run of another process count (or another run) whose name sorts first is tried apart from
-    the round's complete set, which is used: the resume goes on from round 2, passing nothing over."""
+    """A shard left by a 2-process run (an incomplete set: one of its two shards), and a 0-process name that sorts
+    before the real one, are tried apart from the round's complete set, which is used: the resume goes on from round
+    2, passing nothing over."""
     run_dir = stopped_in_round_3(cfg_for(tmp_path / "a", rounds=3), monkeypatch)
     other = stopped_in_round_3(cfg_for(tmp_path / "b", rounds=3), monkeypatch)
-    stale = os.path.join(run_dir, checkpoint.DIR, checkpoint.shard_name(2, 0, 0))
-    shutil.copy(os.path.join(other, checkpoint.DIR, checkpoint.shard_name(2, 0, 1)), stale)
-    os.utime(stale, (1, 1))
+    for rank, world in ((1, 2), (0, 0)):
+        stale = os.path.join(run_dir, checkpoint.DIR, checkpoint.shard_name(2, rank, world))
+        shutil.copy(os.path.join(other, checkpoint.DIR, checkpoint.shard_name(2, 0, 1)), stale)
+        os.utime(stale, (1, 1))
     capsys.readouterr()
     engine = make_engine(
         load_config(os.path.join(run_dir, "config.yaml")),

@@ -436,6 +436,8 @@ EXPORT_CASES = [
     ("out is a user's folder", lambda t, run: t / "mine", "is not empty and is not a previous export"),
     ("out is a file", lambda t, run: t / "mine" / "keep.txt", "is a file"),
     ("out is a previous export", lambda t, run: t / "previous", "holds a previous export; pass --overwrite"),
+    ("out links to an empty folder", lambda t, run: t / "link-to-empty", "is a symbolic link"),
+    ("out links to a previous export", lambda t, run: t / "link-to-previous", "is a symbolic link"),
 ]
 
 
@@ -446,10 +448,15 @@ def test_export_never_deletes_what_it_did_not_create(runs, tmp_path, name, targe
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "keep.txt").write_text("precious")
     assert cli("export", run_dir, "--agent", "0", "--out", tmp_path / "previous").exit_code == 0
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link-to-empty").symlink_to(tmp_path / "empty")
+    (tmp_path / "link-to-previous").symlink_to(tmp_path / "previous")
     snapshot = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    res = cli("export", run_dir, "--agent", "1", "--out", target(tmp_path, run_dir), cwd=tmp_path)
-    assert_one_sentence(res, message)
+    for overwrite in ([], ["--overwrite"]) if "link" in name else ([],):
+        res = cli("export", run_dir, "--agent", "1", "--out", target(tmp_path, run_dir), *overwrite, cwd=tmp_path)
+        assert_one_sentence(res, message)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == snapshot
+    assert (tmp_path / "link-to-empty").is_symlink() and (tmp_path / "empty").is_dir()
 
 
 def test_overwrite_replaces_a_previous_export_and_nothing_else(runs, tmp_path):

@@ -121,7 +121,9 @@ class DeCAF(Algorithm):
             B_new = torch.where(zero[:, None, None], own_B, B_new)
             A_new = torch.where(zero[:, None, None], own_A, A_new)
             stats["skipped_zero"] = zero.to(S.dtype)
-        alone = (weight != 0).sum(1) <= 1  # absent, isolated, or every neighbour rejected: nothing to mix
+        # absent, isolated, or every neighbour rejected: no weight on anyone else, so nothing to mix (an agent that
+        # gives itself weight 0 and a neighbour weight 1 is not alone: it takes the neighbour's product)
+        alone = ((weight != 0) & (index != p.self_index[:, None])).sum(1) == 0
         B_new = torch.where(alone[:, None, None], own_B, B_new)
         A_new = torch.where(alone[:, None, None], own_A, A_new)
         return p.cast(A_new, B_new, stats)

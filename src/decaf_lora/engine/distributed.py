@@ -122,7 +122,13 @@ def choose_run_dir(cfg: RunConfig, algorithm: str, given: str | None, resume: bo
             }
         return {"path": new_run_dir(cfg.out_dir, cfg.name, algorithm, cfg.seed), "resume": False}
     path = os.path.join(cfg.out_dir, f"{cfg.name}-{algorithm}-s{cfg.seed}-{run_id}")
+    if os.path.exists(path) and not os.path.isdir(path):
+        return {
+            "error": f"{path!r}, the run directory of torchrun run id {run_id!r}, is a file; give this job another "
+            "--rdzv-id, or another name=."
+        }
     if not os.path.isdir(path):
+        make_dir(cfg.out_dir, "out_dir")  # the field the user gave: a failure to create it names that field
         return {"path": make_dir(path, "out_dir"), "resume": False}
     if not os.listdir(path):  # a crash between creating it and writing anything: still this job's, and empty
         return {"path": path, "resume": False}

@@ -681,7 +681,8 @@ def mix_agents(
             if bool(bad.any()):
                 raise DecafError(
                     f"agent {agents[int(bad.nonzero()[0])]}'s own adapter holds NaN or infinite values before the mix "
-                    f"of round {t + 1}; its training diverged: lower the learning rate."
+                    f"of round {t + 1}; its training diverged: lower the learning rate (optim.lr of a decaf run, or "
+                    "your own optimizer's)."
                 )
     totals: dict[str, torch.Tensor] = {}
     for l, layer in enumerate(st.layers):

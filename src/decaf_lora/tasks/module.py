@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import ConfigError
+from ..config import ConfigError, shown
 from ..data import Examples
 from .base import Task
 
@@ -140,7 +140,7 @@ class ModuleTask(Task):
         if missing:
             raise ConfigError(
                 [
-                    f"ModuleTask head={missing} matches no module of {type(model).__name__}; its modules are: "
+                    f"ModuleTask head={shown(missing)} matches no module of {type(model).__name__}; its modules are: "
                     f"{', '.join(sorted(leaves)[:16])}."
                 ]
             )
