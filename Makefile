@@ -26,7 +26,8 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_merge.py
 # benchmarks/bench_vs_flower.py needs Flower: pip install -e ".[bench]" first (about 20 minutes).
 
-# The reproduction study (docs/reproduction.md): 153 runs, about 1.7 h on 2 cores; re-running reads finished runs back.
+# The reproduction study (docs/reproduction.md): 417 runs, about 11 core-hours (6 h on 2 cores); it resumes where it
+# stopped (finished runs are read back, interrupted ones resume from their checkpoints).
 REPRO_WORKERS ?= 2
 reproduce: $(BIN)/.installed
 	$(BIN)/python reproduce/study.py --workers $(REPRO_WORKERS)

@@ -333,6 +333,19 @@ def write_results(records: list[dict], path: str = RESULTS) -> None:
     write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in sorted(records, key=lambda r: r["key"])))
 
 
+def add_record(rec: dict, path: str = RESULTS) -> None:
+    """Add one finished run to the file as it is now, under a lock: two studies at once (say ``--only peers`` and
+    ``--only hetrank``) each add their own runs and never drop the other's."""
+    import fcntl
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        records = load_records(path)
+        records[rec["key"]] = rec
+        write_results(list(records.values()), path)
+
+
 def load_records(path: str | None = None) -> dict[str, dict]:
     """The records finished so far (of ``RESULTS``, read when called), by key."""
     path = path or RESULTS
@@ -381,8 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         futures = {pool.submit(run_one, r, args.runs_dir): r for r in todo}
         for fut in as_completed(futures):
             rec = fut.result()
-            records[rec["key"]] = rec
-            write_results(list(records.values()))  # after every run: an interrupted study keeps what finished
+            add_record(rec)  # after every run: an interrupted study keeps what finished
             bar.set_postfix_str(rec["key"])
             bar.update(1)
     return 0

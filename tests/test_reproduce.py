@@ -230,6 +230,23 @@ def test_recorded_runs_are_not_run_again_unless_their_overrides_changed_or_redo(
     assert study.runs_to_do(runs, records, redo=True) == runs
 
 
+def test_two_studies_at_once_keep_each_others_records(tmp_path):
+    """Each finished run is added to the file as it is then (under a lock), not written from one process's memory:
+    a study started with --only hetrank beside another with --only peers never drops the other's runs."""
+    path = str(tmp_path / "runs.jsonl")
+    study.write_results([{"key": "grid/old", "v": 0}], path)
+    seen_by_a = study.load_records(path)  # both processes start from the same file
+    study.add_record({"key": "peers/a", "v": 1}, path)
+    assert "peers/a" not in seen_by_a
+    study.add_record({"key": "hetrank/b", "v": 2}, path)
+    study.add_record({"key": "peers/a", "v": 3}, path)  # a redone run replaces its own record only
+    assert study.load_records(path) == {
+        "grid/old": {"key": "grid/old", "v": 0},
+        "hetrank/b": {"key": "hetrank/b", "v": 2},
+        "peers/a": {"key": "peers/a", "v": 3},
+    }
+
+
 def test_list_prints_the_plan_with_counts_by_group(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(study, "RESULTS", str(tmp_path / "runs.jsonl"))
     assert study.main(["--list", "--only", "peers/ring/iid/"]) == 0

@@ -204,21 +204,33 @@ def compare_table(rows: list[dict]) -> str:
 
 
 def plot_compare(run_dirs: dict[str, list[str]], path: str) -> str:
-    """Test accuracy per round, mean over agents and seeds, one line per algorithm."""
+    """Test accuracy per round, mean over agents and seeds, one line per algorithm.
+
+    With the whole registry on one plot, colours alone repeat (matplotlib cycles 10): each method also gets its own
+    marker and line style, and the legend sits beside the axes, where it hides no line.
+    """
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.8), layout="constrained")
-    for algo, dirs in run_dirs.items():
+    fig, ax = plt.subplots(figsize=(7.5 if len(run_dirs) > 6 else 6, 3.8), layout="constrained")
+    colours = plt.get_cmap("tab20").colors
+    markers, styles = "osD^vP*Xh<>", ("-", "--", ":", "-.")
+    for i, (algo, dirs) in enumerate(run_dirs.items()):
         curves = []
         for d in dirs:
             r, acc = per_round(read_metrics(d), "eval_accuracy")
             curves.append(acc.mean(1))
         c = np.array(curves)
-        ax.plot(r, c.mean(0), marker="o", label=algo)
+        colour = colours[(2 * i) % 20 + (2 * i) // 20 % 2]
+        ax.plot(
+            r, c.mean(0), marker=markers[i % len(markers)], ls=styles[i // 10 % len(styles)], color=colour, label=algo
+        )
         if len(c) > 1:
-            ax.fill_between(r, c.mean(0) - c.std(0), c.mean(0) + c.std(0), alpha=0.2)
+            ax.fill_between(r, c.mean(0) - c.std(0), c.mean(0) + c.std(0), alpha=0.2, color=colour)
     ax.set(xlabel="round", ylabel="test accuracy (mean over agents)", title="comparison")
     _rounds_axis(ax)
-    ax.legend(fontsize=8)
+    if len(run_dirs) > 6:
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), ncols=1 + len(run_dirs) // 13)
+    else:
+        ax.legend(fontsize=8)
     _save(fig, path)
     plt.close(fig)
     return path
