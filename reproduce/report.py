@@ -974,7 +974,8 @@ def which_method_when(cells, methods: list[str]) -> str:
             rows.append(f"- {topo} + {part}: {NOT_RUN}.")
             continue
         n_settings += 1
-        best = max(ran, key=lambda m: st[m]["mean_s"])
+        # the best among the methods with seeds to pair; a one-seed mean is not yet a result to rank the rest by
+        best = max([m for m in ran if st[m]["n"] >= 2] or ran, key=lambda m: st[m]["mean_s"])
         ties, untested = [], []
         for m in ran:
             if m != best:

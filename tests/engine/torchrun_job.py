@@ -40,6 +40,9 @@ def main(mode: str, target: str, methods: str = "") -> None:
             pass
     elif mode == "resume":
         decaf_lora.resume(target, task=digits_task(head=True))
+    # every process is past its last exchange before any tears gloo down: under a heavily loaded machine one rank
+    # once aborted at exit (SIGABRT, "terminate called without an active exception") while its peer was closing
+    dist.barrier()
     dist.destroy_process_group()
 
 
