@@ -176,14 +176,7 @@ def new_run_dir(out_dir: str, name: str, algorithm: str, seed: int) -> str:
 def fresh_dir(out_dir: str, stem: str) -> str:
     """A new directory ``out_dir/stem-TIME[-n]``, created atomically: two runs started in the same second get
     different directories, never the same one."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise DecafError(f"out_dir={out_dir!r} is a file, not a directory; point out_dir at a directory.")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as exc:
-        raise DecafError(
-            f"out_dir={out_dir!r} cannot be created ({exc.strerror}); choose a writable directory."
-        ) from None
+    make_dir(out_dir, "out_dir")
     base = os.path.join(out_dir, f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     for n in range(1, 10_000):
         path = base if n == 1 else f"{base}-{n}"

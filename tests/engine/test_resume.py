@@ -23,18 +23,7 @@ def without_timing(metrics):
 
 def test_a_resume_refuses_data_that_changed_under_the_run(tmp_path, monkeypatch):
     """Same sizes, same labels, one input changed: the config cannot tell, the data digest in run.json does."""
-    cfg = cfg_for(tmp_path, rounds=3)
-    sim = make_engine(load_config(cfg), task=digits_task(), progress=False)
-    real = sim.training.train
-
-    def crash(agent, round_):
-        if round_ == 2:
-            raise KeyboardInterrupt
-        return real(agent, round_)
-
-    monkeypatch.setattr(sim.training, "train", crash)
-    with pytest.raises(KeyboardInterrupt):
-        sim.run()
+    sim = stopped_in_round_3(cfg_for(tmp_path, rounds=3), monkeypatch)
     for changed in (0, len(sim.task.x) - 1):  # one input of the shared test set; one training input
         other = digits_task()
         assert changed in set(sim.split.test.tolist()) or any(changed in set(a.tolist()) for a in sim.split.train)
@@ -45,6 +34,7 @@ def test_a_resume_refuses_data_that_changed_under_the_run(tmp_path, monkeypatch)
 
 
 def stopped_in_round_3(cfg, monkeypatch):
+    """The engine of a run killed during round 3 (its checkpoint of round 2 is complete)."""
     sim = make_engine(load_config(cfg), task=digits_task(), progress=False)
     real = sim.training.train
 
@@ -56,15 +46,15 @@ def stopped_in_round_3(cfg, monkeypatch):
     monkeypatch.setattr(sim.training, "train", crash)
     with pytest.raises(KeyboardInterrupt):
         sim.run()
-    return sim.run_dir
+    return sim
 
 
 def test_a_leftover_shard_of_another_process_count_never_hides_the_complete_round(tmp_path, monkeypatch, capsys):
     """A shard left by a 2-process run (an incomplete set: one of its two shards), and a 0-process name that sorts
     before the real one, are tried apart from the round's complete set, which is used: the resume goes on from round
     2, passing nothing over."""
-    run_dir = stopped_in_round_3(cfg_for(tmp_path / "a", rounds=3), monkeypatch)
-    other = stopped_in_round_3(cfg_for(tmp_path / "b", rounds=3), monkeypatch)
+    run_dir = stopped_in_round_3(cfg_for(tmp_path / "a", rounds=3), monkeypatch).run_dir
+    other = stopped_in_round_3(cfg_for(tmp_path / "b", rounds=3), monkeypatch).run_dir
     for rank, world in ((1, 2), (0, 0)):
         stale = os.path.join(run_dir, checkpoint.DIR, checkpoint.shard_name(2, rank, world))
         shutil.copy(os.path.join(other, checkpoint.DIR, checkpoint.shard_name(2, 0, 1)), stale)
